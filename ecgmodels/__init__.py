@@ -1,0 +1,1 @@
+"""Plain-PyTorch ECG architectures with a shared backbone/head split, transfer and checkpoints."""

@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna hyperparameter search over ecgmodels on prepared datasets, tracked in MLflow."""
