@@ -1,0 +1,72 @@
+"""Evaluation metrics as plain functions of numpy arrays, shared by the trainer and the study's evaluation.
+
+Classification labels are class indices (n,) or multi-hot (n, k); scores are (n, k) probabilities.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def one_hot(y: np.ndarray, k: int) -> np.ndarray:
+    """(n,) class indices -> (n, k) 0/1; (n, k) multi-hot passes through."""
+    y = np.asarray(y)
+    return y.astype(np.int64) if y.ndim == 2 else np.eye(k, dtype=np.int64)[y]
+
+
+def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); NaN if one side is empty."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    s = np.asarray(score)[order]
+    ranks = np.empty(len(s))
+    first = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # start of each run of equal scores
+    last = np.r_[first[1:], len(s)]
+    ranks[order] = np.repeat((first + last + 1) / 2, last - first)  # mid-rank, 1-based
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def per_class_auc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUC of each class; NaN for a class with no positives (or no negatives) in `y_true`."""
+    truth = one_hot(y_true, y_score.shape[1])
+    return np.array([binary_auc(truth[:, c], y_score[:, c]) for c in range(y_score.shape[1])])
+
+
+def macro_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Macro one-vs-rest AUC, averaged over the classes that have both positives and negatives in `y_true`.
+
+    A small validation split can lack a rare class (HYP); such a class has no AUC and is left out of the mean
+    rather than failing the evaluation, so compare values only over splits that hold the same classes.
+    NaN if no class qualifies.
+    """
+    aucs = per_class_auc(y_true, y_score)
+    return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+
+
+def predict(y_score: np.ndarray, multi_label: bool = False) -> np.ndarray:
+    """Hard predictions: argmax (single-label) or 0/1 at probability 0.5 (multi-label)."""
+    return (y_score >= 0.5).astype(np.int64) if multi_label else y_score.argmax(1)
+
+
+def accuracy(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Fraction of rows predicted exactly (argmax for class indices, all k labels at 0.5 for multi-hot)."""
+    multi = np.ndim(y_true) == 2
+    hit = predict(y_score, multi) == y_true
+    return float((hit.all(1) if multi else hit).mean())
+
+
+def f1_per_class(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
+    """F1 of each class one-vs-rest (0 where the class is neither present nor predicted)."""
+    k = y_score.shape[1]
+    multi = np.ndim(y_true) == 2
+    truth, pred = one_hot(y_true, k).astype(bool), one_hot(predict(y_score, multi), k).astype(bool)
+    tp = (truth & pred).sum(0)
+    denom = truth.sum(0) + pred.sum(0)
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean absolute error, in the units of the inputs."""
+    return float(np.mean(np.abs(np.asarray(y_pred, dtype=np.float64) - np.asarray(y_true, dtype=np.float64))))
