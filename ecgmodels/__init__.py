@@ -1,5 +1,5 @@
 """Plain-PyTorch ECG architectures with a shared backbone/head split, transfer and checkpoints."""
-from . import inception  # noqa: F401  (each registers its architecture)
+from . import cnn, inception, lstm, resnet, vit  # noqa: F401  (each registers its architecture)
 from .checkpoint import load_backbone, load_checkpoint, save_checkpoint
 from .model import ECGModel, FusedModel
 from .normalize import NORMALISATIONS
