@@ -1,0 +1,313 @@
+"""One trial: build the model of a config, train it on the prepared dataset, evaluate and report every epoch, keep
+the best epoch's checkpoint, stop early. The contract with the tuner is /work/brief/TRIAL_CONTRACT.md.
+
+    from search.trainable import run_trial
+    run_trial({"data": "prepared/ptbxl-100", "task": "classification", "half": "A", "max_epochs": 5})
+
+Epochs count from 1. The signals stay a memory map (shared by every trial on the machine through the page cache);
+batches are gathered from it by sorted row index, or on a GPU the split is moved there once when it fits.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_prep.constants import CLASSES, TARGETS
+from data_prep.dataset import PreparedDataset, open_dataset
+from data_prep.errors import InputError
+from ecgmodels import ECGModel, create_model, default_hparams, freeze, fused_transfer, param_groups, save_checkpoint
+from ecgmodels import single_transfer
+from search import metrics
+from search.augment import Augmenter
+from search.schedules import Schedule
+
+Report = Callable[[dict, "Path | None"], None]
+
+DEFAULTS = {"task": "classification", "target": None, "half": None, "single_label": True, "approach": "baseline",
+            "arch": "inception1d", "norm": "zscore", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64,
+            "schedule": "constant", "max_epochs": 10, "patience": 3, "seed": 0, "threads": 1, "trial_number": 0,
+            "fault": None, "freeze_depth": 0, "pretrained_lr_mult": 1.0}
+NORM_FIT_ROWS = 512  # rows of the training split that fit the "global" normalisation
+
+
+def search_metric(task: str) -> tuple[str, str]:
+    """The metric a search optimises for a task, and its mode."""
+    return ("val_auc", "max") if task == "classification" else ("val_mae", "min")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Split:
+    """The rows of one split with their targets, served in batches on `device`."""
+
+    def __init__(self, signals: np.ndarray, rows: np.ndarray, y: np.ndarray, device: torch.device, resident: bool):
+        self.signals, self.rows, self.device = signals, rows, device
+        self.y = torch.as_tensor(y, device=device)
+        self.x = torch.from_numpy(signals[rows]).to(device) if resident else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batches(self, size: int, rng: np.random.Generator | None = None):
+        """(x, y) batches: shuffled by `rng` (dropping a last batch of one row, which BatchNorm cannot train on),
+        or in order."""
+        order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
+        for i in range(0, len(self), size):
+            idx = np.sort(order[i:i + size])
+            if rng is not None and len(idx) < 2:
+                break
+            if self.x is not None:
+                x = self.x[torch.as_tensor(idx, device=self.device)]
+            else:
+                x = torch.from_numpy(self.signals[self.rows[idx]]).to(self.device, non_blocking=True)
+            yield x, self.y[idx]
+
+
+def _open(path: str) -> PreparedDataset:
+    """The dataset, opened once per process (and again if it was prepared anew)."""
+    key = (str(path), os.stat(Path(path) / "manifest.json").st_mtime_ns if Path(path).is_dir() else 0)
+    if _open.cache.get("key") != key:
+        _open.cache.update(key=key, ds=open_dataset(path))
+    return _open.cache["ds"]
+
+
+_open.cache = {}
+
+
+def load_splits(config: dict, device: torch.device) -> tuple[PreparedDataset, Split, Split, dict]:
+    """The train and val splits of the config's dataset, half and task, and the target scaling
+    (`target_mean`/`target_std`: regression targets are trained standardised)."""
+    ds = _open(config["data"])
+    task, target = config["task"], config["target"]
+    if task == "classification":
+        if "classification" not in ds.tasks():
+            raise InputError(f"{ds.path} has no class labels; classification needs a dataset with NORM..HYP labels")
+        target = None
+    elif task == "regression":
+        if target not in TARGETS or f"regression:{target}" not in ds.tasks():
+            raise InputError(f"{ds.path} has no {target!r} values to regress on; it has {', '.join(ds.tasks())}")
+    else:
+        raise InputError(f"unknown task {task!r}; choose classification or regression")
+    single = bool(config["single_label"]) and task == "classification"
+    rows = {s: ds.select(s, config["half"], single, target) for s in ("train", "val")}
+    for s, r in rows.items():
+        if len(r) < 2:
+            raise InputError(f"{ds.path}: {len(r)} {s} rows of half {config['half']} for {task} {target or ''}; "
+                             "need at least 2")
+    scaling = {}
+    if task == "regression":
+        values = {s: ds.labels[target].to_numpy(np.float64)[r] for s, r in rows.items()}
+        scaling = {"target_mean": float(values["train"].mean()), "target_std": float(values["train"].std()) or 1.0}
+        ys = {s: ((v - scaling["target_mean"]) / scaling["target_std"]).astype(np.float32) for s, v in values.items()}
+    elif single:
+        ys = {s: ds.labels["label"].to_numpy(np.int64)[r] for s, r in rows.items()}
+    else:
+        ys = {s: ds.labels[list(CLASSES)].to_numpy(np.float32)[r] for s, r in rows.items()}
+    nbytes = sum(len(r) for r in rows.values()) * ds.signals[0].nbytes
+    resident = device.type == "cuda" and nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]
+    train, val = (Split(ds.signals, rows[s], ys[s], device, resident) for s in ("train", "val"))
+    return ds, train, val, scaling
+
+
+def build_model(config: dict, ds: PreparedDataset, train: Split, pretrained: dict | None) -> torch.nn.Module:
+    """baseline: a fresh zoo model (its "global" normalisation fitted on the training split); single/fused: a new
+    head on copies of the pretrained backbone(s), frozen to `freeze_depth`."""
+    approach, n_out = config["approach"], 5 if config["task"] == "classification" else 1
+    if approach == "baseline":
+        hparams = {k[len("arch."):]: v for k, v in config.items() if k.startswith("arch.")}
+        unknown = set(hparams) - set(default_hparams(config["arch"]))
+        if unknown:
+            raise InputError(f"unknown hyperparameter(s) {sorted(unknown)} for {config['arch']}")
+        model = create_model(config["arch"], config["task"], n_out, ds.signals.shape[1], ds.length, config["norm"],
+                             **hparams)
+        if config["norm"] == "global":
+            pick = np.random.default_rng(0).permutation(len(train))[:NORM_FIT_ROWS]
+            model.norm.fit(ds.signals[train.rows[np.sort(pick)]])
+        return model
+    if not pretrained:
+        raise InputError(f"approach {approach!r} needs pretrained models")
+    if approach == "single":
+        if len(pretrained) != 1:
+            raise InputError(f"approach 'single' takes one pretrained model, got {sorted(pretrained)}")
+        model = single_transfer(next(iter(pretrained.values())), n_out)
+    elif approach == "fused":
+        model = fused_transfer(pretrained, n_out)
+    else:
+        raise InputError(f"unknown approach {approach!r}; choose baseline, single or fused")
+    if model.config["length"] != ds.length or model.config["n_leads"] != ds.signals.shape[1]:
+        raise InputError(f"pretrained models take {model.config['n_leads']} leads x {model.config['length']} samples;"
+                         f" {ds.path} holds {ds.signals.shape[1]} x {ds.length}")
+    return freeze(model, int(config["freeze_depth"]))
+
+
+class Trial:
+    """The pieces of one trial that its epochs share."""
+
+    def __init__(self, config: dict, pretrained: dict[str, ECGModel] | None):
+        self.config = config
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.ds, self.train, self.val, self.scaling = load_splits(config, self.device)
+        self.model = build_model(config, self.ds, self.train, pretrained).to(self.device)
+        self.task = config["task"]
+        self.multi_label = self.task == "classification" and self.train.y.ndim == 2
+        groups = param_groups(self.model, float(config["lr"]), float(config["pretrained_lr_mult"]),
+                              float(config["weight_decay"]))
+        self.opt = torch.optim.AdamW(groups)
+        steps = math.ceil(len(self.train) / int(config["batch_size"]))
+        self.metric, self.mode = search_metric(self.task)
+        self.schedule = Schedule(self.opt, config, steps, self.mode)
+        seed = int(config["seed"]) + int(config["trial_number"])
+        self.rng = np.random.default_rng(seed)
+        self.augment = Augmenter(config, self.ds.rate, seed, self.device)
+        cuda = self.device.type == "cuda"
+        self.amp = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16 if cuda else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model outputs (float32) and the mean loss of one batch."""
+        with torch.autocast(self.device.type, self.amp or torch.float32, enabled=self.amp is not None):
+            out = self.model(x).float()
+        if self.task == "regression":
+            return out, F.mse_loss(out.squeeze(-1), y)
+        if self.multi_label:
+            return out, F.binary_cross_entropy_with_logits(out, y)
+        return out, F.cross_entropy(out, y)
+
+    def train_epoch(self, poison: bool) -> tuple[float, np.ndarray, np.ndarray]:
+        self.model.train()
+        total, outs, ys = torch.zeros((), device=self.device), [], []
+        for x, y in self.train.batches(int(self.config["batch_size"]), self.rng):
+            out, loss = self.forward(self.augment(x), y)
+            if poison:
+                loss = loss * float("nan")
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.schedule.after_batch()
+            total += loss.detach() * len(y)
+            outs.append(out.detach())
+            ys.append(y)
+        n = sum(len(y) for y in ys)
+        return total.item() / n, *self.scores(torch.cat(outs), torch.cat(ys))
+
+    @torch.inference_mode()
+    def evaluate(self) -> tuple[float, np.ndarray, np.ndarray]:
+        self.model.eval()
+        total, outs, ys = 0.0, [], []
+        for x, y in self.val.batches(256):
+            out, loss = self.forward(x, y)
+            total += loss.item() * len(y)
+            outs.append(out)
+            ys.append(y)
+        return total / len(self.val), *self.scores(torch.cat(outs), torch.cat(ys))
+
+    def scores(self, out: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(y_true, y_score) in the contract's terms: class index (or multi-hot) and probabilities, or values in
+        the target's units."""
+        if self.task == "regression":
+            mean, std = self.scaling["target_mean"], self.scaling["target_std"]
+            return (y.cpu().numpy().astype(np.float64) * std + mean,
+                    out.squeeze(-1).cpu().numpy().astype(np.float64) * std + mean)
+        prob = torch.sigmoid(out) if self.multi_label else torch.softmax(out, 1)
+        return y.cpu().numpy(), prob.cpu().numpy().astype(np.float64)
+
+    def epoch_metrics(self, prefix: str, loss: float, y: np.ndarray, score: np.ndarray) -> dict:
+        found = {f"{prefix}_loss": loss}
+        if self.task == "regression":
+            return {**found, f"{prefix}_mae": metrics.mae(y, score)}
+        found.update({f"{prefix}_acc": metrics.accuracy(y, score), f"{prefix}_auc": metrics.macro_auc(y, score)})
+        if prefix == "val":
+            found.update({f"val_f1_{c}": float(f) for c, f in zip(CLASSES, metrics.f1_per_class(y, score))})
+        return found
+
+    def save(self, directory: Path, found: dict, y: np.ndarray, score: np.ndarray,
+             pretrained: dict | None) -> None:
+        """Write the best-checkpoint directory aside and move it into place."""
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        extra = {**found, "task": self.task, "target": self.config["target"], "classes": list(CLASSES),
+                 "rate": self.ds.rate, **self.scaling, "dataset_hash": self.ds.content_hash,
+                 "pretrained": sorted(pretrained or {}), "config": self.config}
+        save_checkpoint(self.model, tmp / "model.pt", extra=extra)
+        np.savez(tmp / "val_predictions.npz", y_true=y, y_score=score, rows=self.val.rows)
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+
+
+def print_report(found: dict, checkpoint_dir: Path | None) -> None:
+    """The default `report`: one line per epoch."""
+    line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in found.items())
+    print(line + (f"  -> {checkpoint_dir}" if checkpoint_dir else ""), flush=True)
+
+
+def run_trial(config: dict, pretrained: dict[str, ECGModel] | None = None, report: Report | None = None,
+              workdir: str | Path | None = None) -> dict:
+    """Train one config, calling `report(metrics, checkpoint_dir)` after every epoch (checkpoint_dir only when the
+    val metric improved; it is `workdir/best`, default a new temporary directory); return the best epoch's metrics.
+
+    Raises RuntimeError when the loss turns NaN/inf (naming the epoch and lr) or when a fault is injected.
+    """
+    config = {**DEFAULTS, **config}
+    report = report or print_report
+    seed_everything(int(config["seed"]) + int(config["trial_number"]))
+    torch.set_num_threads(int(config["threads"]))
+    trial = Trial(config, pretrained)
+    best_dir = Path(workdir or tempfile.mkdtemp(prefix="ecgsearch-trial-")) / "best"
+    fault = config["fault"] or {}
+    faulty = int(config["trial_number"]) in fault.get("trials", ())
+    name, sign = trial.metric, (1 if trial.mode == "max" else -1)
+    best, since_best = {}, 0
+    for epoch in range(1, int(config["max_epochs"]) + 1):
+        hit = faulty and epoch == int(fault["epoch"])
+        if hit and fault["kind"] == "raise":
+            raise RuntimeError(f"injected fault: trial {config['trial_number']} raised at epoch {epoch}")
+        lr = max(g["lr"] for g in trial.opt.param_groups)
+        train_loss, y, score = trial.train_epoch(poison=hit and fault["kind"] == "nan")
+        if not math.isfinite(train_loss):
+            raise RuntimeError(f"training loss became {train_loss} at epoch {epoch} with lr {lr:.3g}")
+        found = {"epoch": epoch, **trial.epoch_metrics("train", train_loss, y, score)}
+        val_loss, y, score = trial.evaluate()
+        if not math.isfinite(val_loss):
+            raise RuntimeError(f"validation loss became {val_loss} at epoch {epoch} with lr {lr:.3g}")
+        found.update(trial.epoch_metrics("val", val_loss, y, score), lr=lr)
+        improved = not best or sign * found[name] > sign * best[name]
+        if improved:
+            best, since_best = found, 0
+            trial.save(best_dir, found, y, score, pretrained)
+        else:
+            since_best += 1
+        found[f"best_{name}"] = best[name]
+        report(found, best_dir if improved else None)
+        trial.schedule.after_epoch(found[name])
+        if since_best >= int(config["patience"]):
+            break
+    return {**best, f"best_{name}": best[name]}
+
+
+def train_trial(config: dict, pretrained: dict[str, ECGModel] | None = None) -> None:
+    """The Ray Tune function trainable: run_trial reporting through `ray.tune.report`, with the best checkpoint
+    attached on the epochs that improve it (Tune copies it into the trial's storage before this returns)."""
+    from ray import tune
+
+    def report(found: dict, checkpoint_dir: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(found, checkpoint=checkpoint)
+
+    with tempfile.TemporaryDirectory(prefix="ecgsearch-trial-") as workdir:
+        run_trial(config, pretrained, report, workdir)
