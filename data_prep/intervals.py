@@ -52,13 +52,14 @@ def measure(ecg: np.ndarray, rate: int) -> dict[str, float | str]:
             return {**out, "label_note": f"qrs: median beat gives {qrs_off - qrs_on:.0f} ms, out of range"}
         out["qrs"] = qrs_off - qrs_on
         per_lead: dict[str, list[float]] = {"pr": [], "qt": []}
+        inner = rpeaks[1:-1]  # edge beats are cut off, and neurokit drops fiducials at index 0, misaligning beats
         for lead in DELINEATE_LEADS:
             try:
-                waves = nk.ecg_delineate(clean[LEADS.index(lead)], rpeaks, sampling_rate=rate,
+                waves = nk.ecg_delineate(clean[LEADS.index(lead)], inner, sampling_rate=rate,
                                          method="prominence")[1]
             except Exception:
                 continue
-            for t, v in _lead_medians(waves, rpeaks, rate, qrs_on, float(np.median(rr))).items():
+            for t, v in _lead_medians(waves, inner, rate, qrs_on, float(np.median(rr))).items():
                 per_lead[t].append(v)
     notes = []
     for t, values in per_lead.items():
@@ -92,8 +93,10 @@ def _qrs_bounds(clean: np.ndarray, rpeaks: np.ndarray, rate: int) -> tuple[float
 def _lead_medians(waves: dict, rpeaks: np.ndarray, rate: int, qrs_on: float, rr_ms: float) -> dict[str, float]:
     """Per-beat PR and QT of one lead (fiducials relative to each R peak, the QRS onset from the median beat),
     impossible beats rejected, then the median over beats (NaN if too few)."""
-    rel = {k: (np.asarray(waves.get(k, []), dtype=float) - rpeaks) * 1000.0 / rate
-           for k in ("ECG_P_Onsets", "ECG_P_Offsets", "ECG_T_Offsets")}
+    keys = ("ECG_P_Onsets", "ECG_P_Offsets", "ECG_T_Offsets")
+    if any(len(waves.get(k, [])) != len(rpeaks) for k in keys):
+        return {"pr": np.nan, "qt": np.nan}
+    rel = {k: (np.asarray(waves[k], dtype=float) - rpeaks) * 1000.0 / rate for k in keys}
     p_on, p_off, t_off = rel.values()
     with np.errstate(invalid="ignore"):
         beats = {"pr": np.where(p_off <= qrs_on, qrs_on - p_on, np.nan),  # P must end before the QRS starts

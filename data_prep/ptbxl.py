@@ -3,8 +3,6 @@ from PTB-XL+ 12SL features or the extractor, patient-disjoint halves and splits.
 from __future__ import annotations
 
 import ast
-import os
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from data_prep import intervals
 from data_prep.constants import CLASSES, LEADS, TARGETS
 from data_prep.dataset import DatasetWriter, cache_key, is_current, package_versions
 from data_prep.errors import InputError
+from data_prep.parallel import ordered_map, stream_into
 from data_prep.splits import assign_splits, split_counts
 
 SECONDS = 10
@@ -47,22 +46,12 @@ def prepare_ptbxl(root: str | Path, out: str | Path, rate: int = 100, features: 
     meta = assign_splits(meta, split, seed)
     if twelve_sl is not None:
         meta = meta.join(read_12sl(twelve_sl), on="ecg_id")
+        meta["label_note"] = meta["label_note"].fillna("not in 12SL features")
     jobs = [(str(root / f), rate, twelve_sl is None) for f in meta[FILENAME[rate]]]
-    kept, skipped, measured = [], [], []
-    with DatasetWriter(out, capacity=len(meta), length=rate * SECONDS) as writer, \
-            _mapper(workers) as imap:
-        progress = tqdm(imap(_load, jobs), total=len(jobs), desc=f"PTB-XL {rate} Hz", unit="rec")
-        for i, (signal, result) in enumerate(progress):
-            ecg_id = int(meta["ecg_id"].iat[i])
-            if signal is None:
-                if strict:
-                    raise InputError(f"PTB-XL record {ecg_id} ({jobs[i][0]}): {result}")
-                progress.write(f"skipping PTB-XL record {ecg_id}: {result}")
-                skipped.append({"record": ecg_id, "reason": result})
-                continue
-            writer.write(signal[None])
-            kept.append(i)
-            measured.append(result)
+    with DatasetWriter(out, capacity=len(meta), length=rate * SECONDS) as writer, ordered_map(workers) as imap, \
+            tqdm(total=len(jobs), desc=f"PTB-XL {rate} Hz", unit="rec") as progress:
+        kept, measured, skipped = stream_into(writer, imap(_load, jobs), meta["ecg_id"].astype(int).tolist(),
+                                              strict, "PTB-XL record", progress)
         labels = meta.iloc[kept].reset_index(drop=True)
         if twelve_sl is None:
             labels = pd.concat([labels.drop(columns=[*TARGETS, "label_note"], errors="ignore"),
@@ -171,19 +160,3 @@ def read_record(path: str | Path, rate: int) -> np.ndarray:
         if np.ptp(x) == 0:
             raise InputError(f"flat signal in lead {lead}")
     return signal
-
-
-class _mapper:
-    """An ordered, lazy map over a process pool of `workers` (default: all cores); in-process for one worker."""
-
-    def __init__(self, workers: int | None):
-        self.workers = workers or os.cpu_count() or 1
-        self.pool = Pool(self.workers) if self.workers > 1 else None
-
-    def __enter__(self):
-        return (lambda f, jobs: self.pool.imap(f, jobs, chunksize=8)) if self.pool else map
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool:
-            self.pool.terminate()
-            self.pool.join()

@@ -1,0 +1,172 @@
+"""DeepFake ECGs -> prepared dataset: generated with deepfake-ecg's bundled Pulse2Pulse GAN, or read from the
+published `.asc` files with their MUSE ground truth. 8 leads (I, II, V1..V6), 10 s at 500 Hz."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from data_prep import intervals
+from data_prep.constants import CLASSES, LEADS, TARGETS
+from data_prep.dataset import DatasetWriter, cache_key, is_current, package_versions
+from data_prep.errors import InputError
+from data_prep.parallel import ordered_map, stream_into
+from data_prep.splits import random_split, split_counts
+
+RATE, LENGTH = 500, 5000
+GAN_SCALE_MV = 6.0  # the generator's output x 6000 is microvolts
+BATCH = 64
+FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+GROUND_TRUTH_COLUMNS = ("patid", "avgrrinterval", "pr", "qrs", "qt")
+
+
+def prepare_deepfake(out: str | Path, count: int | None = None, seed: int = 0, asc_dir: str | Path | None = None,
+                     ground_truth: str | Path | None = None, strict: bool = False,
+                     workers: int | None = None) -> Path:
+    """Generate `count` ECGs with `seed`, or read the `.asc` files of `asc_dir` (labels from the `ground_truth`
+    CSV when given, else the extractor), into the dataset directory `out` (reused when unchanged)."""
+    out = Path(out)
+    if (count is None) == (asc_dir is None):
+        raise InputError("DeepFake: give exactly one of count (generate) or asc_dir (read the published .asc files)")
+    if count is not None:
+        if count < 1:
+            raise InputError(f"DeepFake: count must be at least 1, got {count}")
+        if ground_truth is not None:
+            raise InputError("DeepFake: --ground-truth goes with --asc-dir, not with generated ECGs")
+        return _generate(out, count, seed, workers)
+    return _read_asc(out, Path(asc_dir), Path(ground_truth) if ground_truth else None, seed, strict, workers)
+
+
+def _generate(out: Path, count: int, seed: int, workers: int | None) -> Path:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    key = cache_key({"source": "deepfake", "count": count, "seed": seed, "device": device,
+                     "deepfake-ecg": package_versions("deepfake-ecg").get("deepfake-ecg")})
+    if is_current(out, key):
+        return out
+    measured = []
+    with DatasetWriter(out, capacity=count, length=LENGTH) as writer, ordered_map(workers) as imap, \
+            tqdm(total=count, desc="DeepFake generate + label", unit="ECG") as progress:
+        for batch in generate(count, seed, device):
+            for result in imap(_measure, batch):
+                measured.append(result)
+            writer.write(batch)
+            progress.update(len(batch))
+        labels = _labels(pd.DataFrame(measured), np.arange(count), seed)
+        return writer.finish(labels, _manifest(labels, seed, key, "extractor", [],
+                                               generator={"device": device, "batch": BATCH}))
+
+
+def generate(count: int, seed: int, device: str = "cpu") -> Iterator[np.ndarray]:
+    """Batches of generated ECGs as (n, 8, 5000) float32 mV; the same seed gives the same ECGs."""
+    import torch
+    from deepfakeecg import Generator
+
+    weights = Path(__import__("deepfakeecg").__file__).parent / "checkpoints" / "g_stat.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # its init calls the deprecated nn.init.kaiming_normal
+        net = Generator()
+    net.load_state_dict(torch.load(weights, map_location=device, weights_only=False)["stat_dict"])
+    net.to(device).eval()
+    noise_rng = torch.Generator().manual_seed(seed)  # noise drawn on the CPU, so a seed means the same input anywhere
+    with torch.inference_mode():
+        for start in range(0, count, BATCH):
+            n = min(BATCH, count - start)
+            noise = torch.rand(n, len(LEADS), LENGTH, generator=noise_rng) * 2 - 1
+            yield (net(noise.to(device)) * GAN_SCALE_MV).float().cpu().numpy()
+
+
+def _measure(ecg: np.ndarray) -> dict:
+    return intervals.measure(ecg, RATE)
+
+
+def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, strict: bool,
+              workers: int | None) -> Path:
+    if not asc_dir.is_dir():
+        raise InputError(f"{asc_dir} is not a directory of DeepFake .asc files")
+    files = sorted(asc_dir.glob("*.asc"), key=lambda f: (len(f.stem), f.stem))
+    if not files:
+        raise InputError(f"{asc_dir}: no .asc files")
+    if ground_truth is not None and not ground_truth.is_file():
+        raise InputError(f"{ground_truth} not found (the DeepFake ground-truth CSV)")
+    key = cache_key({"source": "deepfake", "asc_dir": str(asc_dir.resolve()), "seed": seed, "strict": strict,
+                     "ground_truth": str(ground_truth)}, files + ([ground_truth] if ground_truth else []))
+    if is_current(out, key):
+        return out
+    truth = read_ground_truth(ground_truth) if ground_truth else None
+    jobs = [(str(f), truth is None) for f in files]
+    with DatasetWriter(out, capacity=len(files), length=LENGTH) as writer, ordered_map(workers) as imap, \
+            tqdm(total=len(files), desc="DeepFake .asc", unit="ECG") as progress:
+        kept, measured, skipped = stream_into(writer, imap(_load_asc, jobs), [f.name for f in files], strict,
+                                              "DeepFake file", progress)
+        ids = [files[i].stem for i in kept]
+        if truth is None:
+            targets = pd.DataFrame(measured)
+        else:
+            targets = truth.reindex(pd.to_numeric(pd.Series(ids), errors="coerce")).reset_index(drop=True)
+            targets["label_note"] = np.where(targets[list(TARGETS)].isna().all(axis=1), "not in ground truth", "")
+        labels = _labels(targets, ids, seed)
+        return writer.finish(labels, _manifest(labels, seed, key, "extractor" if truth is None else "muse", skipped,
+                                               asc_dir=str(asc_dir.resolve()), ground_truth=str(ground_truth)))
+
+
+def read_asc(path: str | Path) -> np.ndarray:
+    """One published DeepFake ECG (5000 rows x 8 integer columns in µV) as (8, 5000) float32 mV."""
+    try:
+        table = pd.read_csv(path, sep=r"\s+", header=None, dtype=float).to_numpy()
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise InputError(f"not a table of numbers ({type(e).__name__})") from e
+    if table.shape != (LENGTH, len(LEADS)):
+        raise InputError(f"{table.shape[0]} rows x {table.shape[1]} columns, expected {LENGTH} x {len(LEADS)}")
+    if not np.isfinite(table).all():
+        raise InputError("NaN samples")
+    return (table.T / 1000.0).astype(np.float32)
+
+
+def _load_asc(job: tuple[str, bool]) -> tuple[np.ndarray | None, dict | str]:
+    path, measure = job
+    try:
+        signal = read_asc(path)
+    except InputError as e:
+        return None, str(e)
+    return signal, intervals.measure(signal, RATE) if measure else {}
+
+
+def read_ground_truth(path: Path) -> pd.DataFrame:
+    """MUSE labels per patid: hr = 60000 / avgrrinterval, pr, qrs, qt in ms."""
+    table = pd.read_csv(path)
+    table.columns = [c.strip().lower() for c in table.columns]
+    missing = [c for c in GROUND_TRUTH_COLUMNS if c not in table]
+    if missing:
+        raise InputError(f"{path}: lacks columns {missing} (expected {', '.join(GROUND_TRUTH_COLUMNS)})")
+    with np.errstate(divide="ignore"):
+        hr = 60000.0 / table["avgrrinterval"].astype(float)
+    labels = pd.DataFrame({"hr": hr.replace([np.inf, -np.inf], np.nan),
+                           **{t: table[t].astype(float) for t in ("pr", "qrs", "qt")}})
+    labels.index = table["patid"].astype(int)
+    return labels
+
+
+def _labels(targets: pd.DataFrame, ids, seed: int) -> pd.DataFrame:
+    """The label table of DeepFake rows: no half, a seeded 80/10/10 split, no diagnostic classes."""
+    n = len(targets)
+    labels = pd.DataFrame({"record_id": [str(i) for i in ids], "patient_id": np.arange(n), "half": ""})
+    labels["split"] = random_split(labels["patient_id"], seed, FRACTIONS).to_numpy()
+    labels[list(CLASSES)] = 0
+    labels["label"] = -1
+    for t in (*TARGETS, "label_note"):
+        labels[t] = targets[t].to_numpy() if n else []
+    return labels
+
+
+def _manifest(labels: pd.DataFrame, seed: int, key: str, label_source: str, skipped: list, **extra) -> dict:
+    return {"source": "deepfake", "rate": RATE, "normalisation": "zscore",
+            "normalisation_note": "signals are stored in mV; the trainer applies per-record per-lead z-score",
+            "splits": {"method": "random 80/10/10", "seed": seed, "counts": split_counts(labels)},
+            "label_source": label_source, "skipped": skipped, "cache_key": key,
+            "versions": package_versions("deepfake-ecg", "torch", "neurokit2", "scipy"), **extra}
