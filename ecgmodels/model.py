@@ -1,4 +1,5 @@
-"""The two model shapes: ECGModel (norm -> backbone stages -> pool -> head) and FusedModel (several backbones, one head).
+"""The two model shapes: ECGModel (norm -> backbone stages -> pool -> head) and FusedModel (several backbones,
+one head).
 
 Architectures (one file each) build only a ``Trunk``; the head is shared by all of them (``make_head``).
 """

@@ -51,7 +51,8 @@ class Normalise(nn.Module):
         """Set the per-lead scale of the ``global`` normalisation (one positive value per lead)."""
         scale = torch.as_tensor(scale, dtype=self.scale.dtype)
         if scale.shape != self.scale.shape:
-            raise ValueError(f"scale has shape {tuple(scale.shape)}, expected one value per lead {tuple(self.scale.shape)}")
+            raise ValueError(f"scale has shape {tuple(scale.shape)}, expected one value per lead "
+                             f"{tuple(self.scale.shape)}")
         self.scale.copy_(scale.clamp_min(_EPS))
 
     def extra_repr(self) -> str:
