@@ -1,5 +1,6 @@
 """DeepFake ECGs -> prepared dataset: generated with deepfake-ecg's bundled Pulse2Pulse GAN, or read from the
-published `.asc` files with their MUSE ground truth. 8 leads (I, II, V1..V6), 10 s at 500 Hz."""
+published `.asc` files with their MUSE ground truth. 8 leads (I, II, V1..V6), 10 s at 500 Hz, or resampled to 100 Hz
+(labels are measured at 500 Hz first) to pair with PTB-XL's 100 Hz records."""
 from __future__ import annotations
 
 import warnings
@@ -8,6 +9,7 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from data_prep import intervals
@@ -26,10 +28,12 @@ GROUND_TRUTH_COLUMNS = ("patid", "avgrrinterval", "pr", "qrs", "qt")
 
 def prepare_deepfake(out: str | Path, count: int | None = None, seed: int = 0, asc_dir: str | Path | None = None,
                      ground_truth: str | Path | None = None, strict: bool = False,
-                     workers: int | None = None) -> Path:
+                     workers: int | None = None, rate: int = RATE) -> Path:
     """Generate `count` ECGs with `seed`, or read the `.asc` files of `asc_dir` (labels from the `ground_truth`
-    CSV when given, else the extractor), into the dataset directory `out` (reused when unchanged)."""
+    CSV when given, else the extractor), into the dataset directory `out` (reused when unchanged), at `rate` Hz."""
     out = Path(out)
+    if rate not in (100, RATE):
+        raise InputError(f"DeepFake: rate {rate}: choose 500 (as generated) or 100 (resampled, like PTB-XL's records100)")
     if (count is None) == (asc_dir is None):
         raise InputError("DeepFake: give exactly one of count (generate) or asc_dir (read the published .asc files)")
     if count is not None:
@@ -37,28 +41,28 @@ def prepare_deepfake(out: str | Path, count: int | None = None, seed: int = 0, a
             raise InputError(f"DeepFake: count must be at least 1, got {count}")
         if ground_truth is not None:
             raise InputError("DeepFake: --ground-truth goes with --asc-dir, not with generated ECGs")
-        return _generate(out, count, seed, workers)
-    return _read_asc(out, Path(asc_dir), Path(ground_truth) if ground_truth else None, seed, strict, workers)
+        return _generate(out, count, seed, workers, rate)
+    return _read_asc(out, Path(asc_dir), Path(ground_truth) if ground_truth else None, seed, strict, workers, rate)
 
 
-def _generate(out: Path, count: int, seed: int, workers: int | None) -> Path:
+def _generate(out: Path, count: int, seed: int, workers: int | None, rate: int) -> Path:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     key = cache_key({"source": "deepfake", "count": count, "seed": seed, "device": device,
-                     "deepfake-ecg": package_versions("deepfake-ecg").get("deepfake-ecg")})
+                     "deepfake-ecg": package_versions("deepfake-ecg").get("deepfake-ecg"), "rate": rate})
     if is_current(out, key):
         return out
     measured = []
-    with DatasetWriter(out, capacity=count, length=LENGTH) as writer, ordered_map(workers) as imap, \
+    with DatasetWriter(out, capacity=count, length=LENGTH * rate // RATE) as writer, ordered_map(workers) as imap, \
             tqdm(total=count, desc="DeepFake generate + label", unit="ECG") as progress:
         for batch in generate(count, seed, device):
             for result in imap(_measure, batch):
                 measured.append(result)
-            writer.write(batch)
+            writer.write(resample(batch, rate))
             progress.update(len(batch))
         labels = _labels(pd.DataFrame(measured), np.arange(count), seed)
-        return writer.finish(labels, _manifest(labels, seed, key, "extractor", [],
+        return writer.finish(labels, _manifest(labels, seed, key, "extractor", [], rate=rate,
                                                generator={"device": device, "batch": BATCH}))
 
 
@@ -81,12 +85,17 @@ def generate(count: int, seed: int, device: str = "cpu") -> Iterator[np.ndarray]
             yield (net(noise.to(device)) * GAN_SCALE_MV).float().cpu().numpy()
 
 
+def resample(ecgs: np.ndarray, rate: int) -> np.ndarray:
+    """ECGs at 500 Hz -> `rate` Hz along the last axis (polyphase, anti-aliased); unchanged at 500 Hz."""
+    return ecgs if rate == RATE else resample_poly(ecgs, rate, RATE, axis=-1).astype(np.float32)
+
+
 def _measure(ecg: np.ndarray) -> dict:
     return intervals.measure(ecg, RATE)
 
 
 def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, strict: bool,
-              workers: int | None) -> Path:
+              workers: int | None, rate: int) -> Path:
     if not asc_dir.is_dir():
         raise InputError(f"{asc_dir} is not a directory of DeepFake .asc files")
     files = sorted(asc_dir.glob("*.asc"), key=lambda f: (len(f.stem), f.stem))
@@ -95,12 +104,12 @@ def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, st
     if ground_truth is not None and not ground_truth.is_file():
         raise InputError(f"{ground_truth} not found (the DeepFake ground-truth CSV)")
     key = cache_key({"source": "deepfake", "asc_dir": str(asc_dir.resolve()), "seed": seed, "strict": strict,
-                     "ground_truth": str(ground_truth)}, files + ([ground_truth] if ground_truth else []))
+                     "ground_truth": str(ground_truth), "rate": rate}, files + ([ground_truth] if ground_truth else []))
     if is_current(out, key):
         return out
     truth = read_ground_truth(ground_truth) if ground_truth else None
-    jobs = [(str(f), truth is None) for f in files]
-    with DatasetWriter(out, capacity=len(files), length=LENGTH) as writer, ordered_map(workers) as imap, \
+    jobs = [(str(f), truth is None, rate) for f in files]
+    with DatasetWriter(out, capacity=len(files), length=LENGTH * rate // RATE) as writer, ordered_map(workers) as imap, \
             tqdm(total=len(files), desc="DeepFake .asc", unit="ECG") as progress:
         kept, measured, skipped = stream_into(writer, imap(_load_asc, jobs), [f.name for f in files], strict,
                                               "DeepFake file", progress)
@@ -112,7 +121,7 @@ def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, st
             targets["label_note"] = np.where(targets[list(TARGETS)].isna().all(axis=1), "not in ground truth", "")
         labels = _labels(targets, ids, seed)
         return writer.finish(labels, _manifest(labels, seed, key, "extractor" if truth is None else "muse", skipped,
-                                               asc_dir=str(asc_dir.resolve()), ground_truth=str(ground_truth)))
+                                               rate=rate, asc_dir=str(asc_dir.resolve()), ground_truth=str(ground_truth)))
 
 
 def read_asc(path: str | Path) -> np.ndarray:
@@ -128,13 +137,13 @@ def read_asc(path: str | Path) -> np.ndarray:
     return (table.T / 1000.0).astype(np.float32)
 
 
-def _load_asc(job: tuple[str, bool]) -> tuple[np.ndarray | None, dict | str]:
-    path, measure = job
+def _load_asc(job: tuple[str, bool, int]) -> tuple[np.ndarray | None, dict | str]:
+    path, measure, rate = job
     try:
         signal = read_asc(path)
     except InputError as e:
         return None, str(e)
-    return signal, intervals.measure(signal, RATE) if measure else {}
+    return resample(signal, rate), intervals.measure(signal, RATE) if measure else {}
 
 
 def read_ground_truth(path: Path) -> pd.DataFrame:
@@ -165,7 +174,7 @@ def _labels(targets: pd.DataFrame, ids, seed: int) -> pd.DataFrame:
 
 
 def _manifest(labels: pd.DataFrame, seed: int, key: str, label_source: str, skipped: list, **extra) -> dict:
-    return {"source": "deepfake", "rate": RATE, "normalisation": "zscore",
+    return {"source": "deepfake", "recorded_rate": RATE, "normalisation": "zscore",
             "normalisation_note": "signals are stored in mV; the trainer applies per-record per-lead z-score",
             "splits": {"method": "random 80/10/10", "seed": seed, "counts": split_counts(labels)},
             "label_source": label_source, "skipped": skipped, "cache_key": key,
