@@ -152,12 +152,13 @@ class DatasetWriter:
                    if c not in labels]
         if missing:
             raise ValueError(f"labels lack columns {missing}")
+        length = int(self.signals.shape[-1])
         self._trim()
         labels.reset_index(drop=True).to_parquet(self.tmp / LABELS, index=False)
         manifest = {
             "format_version": FORMAT_VERSION, "leads": list(LEADS), "units": SIGNAL_UNITS,
             "target_units": TARGET_UNITS, "classes": list(CLASSES), "count": self.count,
-            "length": int(self.signals.shape[-1]), **manifest,
+            "length": length, **manifest,
             "content_hash": _content_hash(self.tmp),
         }
         norm = manifest.get("normalisation")

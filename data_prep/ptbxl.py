@@ -42,7 +42,7 @@ def prepare_ptbxl(root: str | Path, out: str | Path, rate: int = 100, features: 
     if is_current(out, key):
         return out
 
-    meta = _read_database(database, statements, min_likelihood)
+    meta = read_database(database, statements, min_likelihood)
     meta = assign_splits(meta, split, seed)
     if twelve_sl is not None:
         meta = meta.join(read_12sl(twelve_sl), on="ecg_id")
@@ -94,7 +94,7 @@ def read_12sl(path: Path) -> pd.DataFrame:
     return labels
 
 
-def _read_database(database: Path, statements: Path, min_likelihood: float) -> pd.DataFrame:
+def read_database(database: Path, statements: Path, min_likelihood: float) -> pd.DataFrame:
     """One row per listed record: ecg_id, patient_id, strat_fold, age, sex, filenames, multi-hot NORM..HYP, label."""
     db = pd.read_csv(database)
     missing = [c for c in ("ecg_id", "patient_id", "scp_codes", "strat_fold", *FILENAME.values()) if c not in db]
