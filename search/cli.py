@@ -43,6 +43,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    import signal
+
+    from search.server import mask_uri, start_server
+
+    server = start_server(args.backend_store_uri, args.artifacts_destination, host=args.host, port=args.port,
+                          workers=args.workers)
+    print(f"MLflow tracking server on {server.url} (backend {mask_uri(args.backend_store_uri)}, "
+          f"artifacts {args.artifacts_destination}); runs table: {server.runs_link('<id>')}; log {server.log_path}",
+          flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of this process stops the server too
+    try:
+        return server.process.wait()
+    finally:
+        server.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecgsearch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -70,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--asc-dir", type=Path, default=None, help="read the published .asc files instead")
     fake.add_argument("--ground-truth", type=Path, default=None, help="MUSE ground-truth CSV for --asc-dir")
     fake.set_defaults(func=_data_deepfake)
+
+    server = sub.add_parser("server", help="start the MLflow tracking server a cluster logs to (blocks)")
+    server.add_argument("--backend-store-uri", required=True,
+                        help="runs database, e.g. postgresql://user[:password]@host:5432/db (password never printed)")
+    server.add_argument("--artifacts-destination", required=True,
+                        help="where proxied artifact uploads land (directory or object-store URI)")
+    server.add_argument("--host", default="127.0.0.1", help="bind address (reach it through port forwarding)")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--workers", type=int, default=1, help="server worker processes (1 keeps it near 0.4 GiB)")
+    server.set_defaults(func=_server)
 
     demo = sub.add_parser("demo", help="run the demo on the embedded sample data")
     demo.add_argument("--workdir", type=Path, default=Path("prepared"))
