@@ -1,7 +1,7 @@
 """Stage 3 of the study: scores with bootstrap confidence intervals, paired comparisons, reference models, tables.
 
-Everything here works on arrays: `y_true` class indices (n,) and `y_score` (n, 5) probabilities of the classes in
-CLASSES order. The study gets the scores of its fine-tuned models on each split and adds two reference rows a reader
+Everything here works on arrays: `y_true` class indices (n,) (single-label) or multi-hot (n, 5) (multi-label) and
+`y_score` (n, 5) probabilities of the classes in CLASSES order. The study gets the scores of its fine-tuned models on each split and adds two reference rows a reader
 needs beside them: the majority-class predictor and a classical model on per-lead signal features.
 """
 from __future__ import annotations
@@ -58,7 +58,9 @@ def paired_bootstrap(y_true: np.ndarray, score: np.ndarray, reference: np.ndarra
 def majority_scores(train_labels: np.ndarray, n: int) -> np.ndarray:
     """The majority-class predictor: every record gets the training class frequencies (argmax = majority class),
     so each class's AUC is 0.5 and its accuracy is the share of the majority class."""
-    prior = np.bincount(train_labels, minlength=len(CLASSES)) / len(train_labels)
+    train_labels = np.asarray(train_labels)
+    prior = (train_labels.mean(0) if train_labels.ndim == 2
+             else np.bincount(train_labels, minlength=len(CLASSES)) / len(train_labels))
     return np.tile(prior, (n, 1))
 
 
@@ -97,23 +99,43 @@ def _peak_features(lead: np.ndarray, rate: int) -> tuple[float, float, float, fl
         float(np.median(widths) / rate * 1000)
 
 
-def classical_scores(features: dict[str, np.ndarray], train_labels: np.ndarray, seed: int = 0,
-                     n_jobs: int = 1) -> dict[str, np.ndarray]:
+def classical_scores(features: dict[str, np.ndarray], train_labels: np.ndarray, seed: int = 0, n_jobs: int = 1,
+                     n_estimators: int = 500) -> dict[str, np.ndarray]:
     """Fit a seeded random forest on the training features and return (n, 5) class probabilities for every split.
 
-    `features` maps split name to its feature rows (`signal_features`) and must hold "train"; classes absent from
-    training get probability 0.
+    `features` maps split name to its feature rows (`signal_features`) and must hold "train"; multi-hot labels fit
+    one output per class. A class absent from training gets probability 0.
     """
     from sklearn.ensemble import RandomForestClassifier
 
-    forest = RandomForestClassifier(n_estimators=500, min_samples_leaf=2, class_weight="balanced_subsample",
+    forest = RandomForestClassifier(n_estimators=n_estimators, min_samples_leaf=2, class_weight="balanced_subsample",
                                     random_state=seed, n_jobs=n_jobs).fit(features["train"], train_labels)
     out = {}
     for split, x in features.items():
         full = np.zeros((len(x), len(CLASSES)))
-        full[:, forest.classes_] = forest.predict_proba(x)
+        proba = forest.predict_proba(x)
+        if np.ndim(train_labels) == 2:  # one (n, 2) array per class; column of label 1 where it was seen
+            for c, (p, seen) in enumerate(zip(proba, forest.classes_)):
+                full[:, c] = p[:, list(seen).index(1)] if 1 in seen else 0.0
+        else:
+            full[:, forest.classes_] = proba
         out[split] = full
     return out
+
+
+def model_scores(model: "torch.nn.Module", signals: np.ndarray, rows: np.ndarray, multi_label: bool = False,
+                 batch: int = 256) -> np.ndarray:
+    """(n, 5) probabilities of a classifier on `signals[rows]` (raw mV; the model normalises): softmax, or sigmoid
+    per class for a multi-label model. Runs in eval mode, without augmentation, in order of `rows`."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch):
+            logits = model(torch.as_tensor(np.asarray(signals[rows[i:i + batch]]), dtype=torch.float32))
+            out.append((logits.sigmoid() if multi_label else logits.softmax(1)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
 
 
 def score_table(scores: dict[tuple[str, str], dict[str, tuple[np.ndarray, np.ndarray]]], baseline: tuple[str, str],
