@@ -128,21 +128,22 @@ def parse_dim(name: str, spec: Any, kind: type, lo: float | None = None, hi: flo
 def load_space_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
     """The default space with the user's YAML file (and then `overrides`) merged over it."""
     space = yaml.safe_load(DEFAULT_SPACE.read_text())
-    for layer in ([_read_yaml(path)] if path else []) + ([overrides] if overrides else []):
+    for layer in ([read_yaml(path)] if path else []) + ([overrides] if overrides else []):
         space = _merge(space, layer)
     return space
 
 
-def _read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str = "search space") -> dict:
+    """A YAML file holding a mapping of settings; a missing or malformed file is an InputError naming `what`."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"search space: {path} does not exist")
+        raise InputError(f"{what}: {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise InputError(f"search space: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{what}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise InputError(f"search space: {path} must hold a mapping of settings, got {type(data).__name__}")
+        raise InputError(f"{what}: {path} must hold a mapping of settings, got {type(data).__name__}")
     return data
 
 
