@@ -15,7 +15,8 @@ class Normalise(nn.Module):
     - ``zscore``: subtract the record's lead mean, divide by its standard deviation.
     - ``minmax``: map the record's lead range onto [0, 1] (what the study did).
     - ``global``: subtract the record's lead median (baseline), divide by a per-lead ``scale`` buffer fitted on the
-      training split (``fit`` or ``set_scale``), so relative amplitude between records is kept.
+      training split (``fit`` or ``set_scale``), so relative amplitude between records is kept. ``fitted`` says
+      whether that happened (it travels with checkpoints and transfer copies: fit only models that are not fitted).
     """
 
     def __init__(self, kind: str = "zscore", n_leads: int = 8):
@@ -24,6 +25,7 @@ class Normalise(nn.Module):
             raise ValueError(f"unknown normalisation {kind!r}; choose one of {', '.join(NORMALISATIONS)}")
         self.kind = kind
         self.register_buffer("scale", torch.ones(n_leads))
+        self.register_buffer("fitted", torch.tensor(False))  # True once the global scale was set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "zscore":
@@ -54,6 +56,7 @@ class Normalise(nn.Module):
             raise ValueError(f"scale has shape {tuple(scale.shape)}, expected one value per lead "
                              f"{tuple(self.scale.shape)}")
         self.scale.copy_(scale.clamp_min(_EPS))
+        self.fitted.fill_(True)
 
     def extra_repr(self) -> str:
         return self.kind

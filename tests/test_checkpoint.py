@@ -22,6 +22,7 @@ def test_round_trip_gives_identical_outputs(name, tmp_path):
     assert torch.equal(model(x), loaded(x))
     assert loaded.config == model.config and loaded.frozen == 1
     assert torch.equal(loaded.norm.scale, model.norm.scale) and not torch.equal(loaded.norm.scale, torch.ones(8))
+    assert loaded.norm.fitted
     ckpt = torch.load(tmp_path / "sub" / "model.pt", weights_only=True)
     assert ckpt["extra"] == {"epoch": 7, "val_mae": 1.5} == read_checkpoint(tmp_path / "sub" / "model.pt")["extra"]
 

@@ -95,7 +95,9 @@ def test_global_normalisation_keeps_relative_amplitude_and_removes_baseline():
     torch.manual_seed(0)
     train = torch.randn(50, 8, 1000) * torch.linspace(0.5, 2.0, 8)[:, None]
     norm = Normalise("global")
+    assert not norm.fitted
     norm.fit(train.numpy())
+    assert norm.fitted
     torch.testing.assert_close(norm.scale, torch.linspace(0.5, 2.0, 8), rtol=0.05, atol=0)
     x = torch.randn(1, 8, 1000)
     small, big = norm(x + 3.0), norm(2 * x - 1.0)  # baseline offsets, amplitude doubled
