@@ -67,6 +67,7 @@ class _HeadedModel(nn.Module):
         n_outputs = resolve_task(task, n_outputs)
         device = next(self.parameters()).device
         self.head = make_head(self.num_features, n_outputs, self.config["hparams"]["head_dropout"]).to(device)
+        self.head.train(self.training)
         self.config.update(task=task, n_outputs=n_outputs)
 
     def train(self, mode: bool = True) -> "_HeadedModel":

@@ -53,10 +53,11 @@ def test_hyperparameters_change_the_model_and_bad_ones_are_named():
 
 
 def test_reset_classifier_turns_a_regressor_into_a_classifier():
-    model = create_model("resnet1d", "regression")
+    model = create_model("resnet1d", "regression").eval()
     backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     model.reset_classifier(5, task="classification")
-    assert model.eval()(torch.randn(3, 8, 1000)).shape == (3, 5)
+    assert not model.head.training  # the new head follows the model's mode
+    assert model(torch.randn(3, 8, 1000)).shape == (3, 5)
     assert model.config["task"] == "classification" and model.config["n_outputs"] == 5
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.items())
 
