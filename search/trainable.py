@@ -70,28 +70,30 @@ class Split:
             idx = np.sort(order[i:i + size])
             if rng is not None and len(idx) < 2:
                 break
+            on_device = torch.as_tensor(idx, device=self.device)
             if self.x is not None:
-                x = self.x[torch.as_tensor(idx, device=self.device)]
+                x = self.x[on_device]
             else:
                 x = torch.from_numpy(self.signals[self.rows[idx]]).to(self.device, non_blocking=True)
-            yield x, self.y[idx]
+            yield x, self.y[on_device]
+
+
+_OPENED: dict[str, tuple[int | None, PreparedDataset]] = {}
 
 
 def _open(path: str) -> PreparedDataset:
-    """The dataset, opened once per process (and again if it was prepared anew)."""
-    key = (str(path), os.stat(Path(path) / "manifest.json").st_mtime_ns if Path(path).is_dir() else 0)
-    if _open.cache.get("key") != key:
-        _open.cache.update(key=key, ds=open_dataset(path))
-    return _open.cache["ds"]
-
-
-_open.cache = {}
+    """The dataset, opened once per process (and again if it was prepared anew since)."""
+    manifest = Path(path) / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    if path not in _OPENED or _OPENED[path][0] != stamp:
+        _OPENED[path] = (stamp, open_dataset(path))
+    return _OPENED[path][1]
 
 
 def load_splits(config: dict, device: torch.device) -> tuple[PreparedDataset, Split, Split, dict]:
     """The train and val splits of the config's dataset, half and task, and the target scaling
     (`target_mean`/`target_std`: regression targets are trained standardised)."""
-    ds = _open(config["data"])
+    ds = _open(str(config["data"]))
     task, target = config["task"], config["target"]
     if task == "classification":
         if "classification" not in ds.tasks():

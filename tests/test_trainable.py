@@ -76,12 +76,21 @@ def test_classification_reports_metrics_and_keeps_the_best_epoch(data: Path, tmp
     np.testing.assert_allclose(probs, saved["y_score"], atol=1e-5)
 
 
-def test_a_trial_is_reproducible(data: Path) -> None:
+def test_a_trial_is_reproducible(data: Path, tmp_path: Path) -> None:
     cfg = config(data, max_epochs=1, **{"aug.noise.p": 0.5, "aug.noise.strength": 0.05, "aug.shift.p": 0.5,
                                         "aug.shift.strength": 0.1})
-    first, second = run_trial(cfg, report=collect([])), run_trial(cfg, report=collect([]))
+    first, second = (run_trial(cfg, report=collect([]), workdir=tmp_path / str(i)) for i in range(2))
     assert first == second
-    assert run_trial({**cfg, "trial_number": 1}, report=collect([]))["train_loss"] != first["train_loss"]
+    other = run_trial({**cfg, "trial_number": 1}, report=collect([]), workdir=tmp_path / "other")
+    assert other["train_loss"] != first["train_loss"]
+
+
+def test_multi_label_rows_train_on_multi_hot_targets(data: Path, tmp_path: Path) -> None:
+    run_trial(config(data, max_epochs=1, single_label=False), report=collect([]), workdir=tmp_path)
+    saved = np.load(tmp_path / "best" / "val_predictions.npz")
+    labels = open_dataset(data).labels
+    assert len(saved["rows"]) == len(labels.query("split == 'val'")) > (labels.query("split == 'val'").label >= 0).sum()
+    np.testing.assert_array_equal(saved["y_true"], labels[list(CLASSES)].to_numpy()[saved["rows"]])
 
 
 def test_regression_reports_mae_in_units(data: Path, tmp_path: Path) -> None:
@@ -129,13 +138,15 @@ def test_transfer_starts_from_pretrained_and_keeps_frozen_stages(data: Path, tmp
 
 @pytest.mark.parametrize("kind, message", [("nan", r"loss became nan at epoch 2 with lr 0\.001"),
                                            ("raise", "injected fault: trial 4 raised at epoch 2")])
-def test_fault_injection_fails_the_trial_with_its_reason(data: Path, kind: str, message: str) -> None:
+def test_fault_injection_fails_the_trial_with_its_reason(data: Path, tmp_path: Path, kind: str, message: str) -> None:
     fault = {"trials": [0, 4], "epoch": 2, "kind": kind}
     reports: list = []
     with pytest.raises(RuntimeError, match=message):
-        run_trial(config(data, trial_number=4, fault=fault), report=collect(reports))
+        run_trial(config(data, trial_number=4, fault=fault), report=collect(reports), workdir=tmp_path / "4")
     assert [f["epoch"] for f, _ in reports] == [1]
-    assert run_trial(config(data, trial_number=1, fault=fault, max_epochs=1), report=collect([]))["epoch"] == 1
+    reports.clear()
+    run_trial(config(data, trial_number=1, fault=fault), report=collect(reports), workdir=tmp_path / "1")
+    assert [f["epoch"] for f, _ in reports] == [1, 2]  # trial 1 is not in the fault's trials
 
 
 def test_bad_task_settings_are_input_errors(data: Path) -> None:
