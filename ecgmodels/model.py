@@ -85,11 +85,12 @@ class ECGModel(_HeadedModel):
                  norm: str, hparams: dict):
         super().__init__()
         n_outputs = resolve_task(task, n_outputs)
-        self.norm = Normalise(norm, n_leads)
+        self.norm = Normalise(norm, int(n_leads))
         self.backbone, self.pool, self.num_features = trunk
         self.head = make_head(self.num_features, n_outputs, hparams["head_dropout"])
-        self.config = {"name": name, "task": task, "n_outputs": n_outputs, "n_leads": n_leads, "length": length,
-                       "norm": norm, "hparams": dict(hparams)}
+        self.config = {"name": name, "task": task, "n_outputs": n_outputs, "n_leads": int(n_leads),
+                       "length": int(length), "norm": norm,
+                       "hparams": {k: v.item() if hasattr(v, "item") else v for k, v in hparams.items()}}
 
     @property
     def stage_names(self) -> list[str]:

@@ -1,6 +1,9 @@
 """Checkpoints round-trip to identical outputs; backbones load only into a matching architecture."""
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +28,13 @@ def test_round_trip_gives_identical_outputs(name, tmp_path):
     assert loaded.norm.fitted
     ckpt = torch.load(tmp_path / "sub" / "model.pt", weights_only=True)
     assert ckpt["extra"] == {"epoch": 7, "val_mae": 1.5} == read_checkpoint(tmp_path / "sub" / "model.pt")["extra"]
+
+
+def test_numpy_hyperparameters_still_load_safely(tmp_path):
+    model = create_model("cnn1d", n_leads=np.int64(8), length=np.int64(1000), width=np.int64(8), dropout=np.float64(0.2))
+    assert json.loads(json.dumps(model.config)) == model.config
+    save_checkpoint(model, tmp_path / "m.pt")
+    assert load_checkpoint(tmp_path / "m.pt").config["hparams"]["width"] == 8
 
 
 def test_fused_round_trip(tmp_path):
