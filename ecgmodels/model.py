@@ -137,7 +137,7 @@ class FusedModel(_HeadedModel):
         self.head = make_head(self.num_features, n_outputs, head_dropout)
         self.config = {"name": "fused", "task": task, "n_outputs": n_outputs, "n_leads": first.config["n_leads"],
                        "length": first.config["length"], "norm": first.config["norm"],
-                       "hparams": {"head_dropout": head_dropout},
+                       "hparams": {"head_dropout": float(head_dropout)},
                        "backbones": {k: copy.deepcopy(m.config) for k, m in sources.items()}}
 
     @property
