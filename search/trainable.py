@@ -1,17 +1,22 @@
 """One trial: build the model of a config, train it on the prepared dataset, evaluate and report every epoch, keep
-the best epoch's checkpoint, stop early. The contract with the tuner is /work/brief/TRIAL_CONTRACT.md.
+the best epoch's checkpoint, stop early.
 
     from search.trainable import run_trial
     run_trial({"data": "prepared/ptbxl-100", "task": "classification", "half": "A", "max_epochs": 5})
 
-Epochs count from 1. The signals stay a memory map (shared by every trial on the machine through the page cache);
-batches are gathered from it by sorted row index, or on a GPU the split is moved there once when it fits.
+The contract with the tuner: a flat JSON-able config (DEFAULTS lists the keys; `arch.<hp>`, `schedule.<param>` and
+`aug.<name>.p`/`.strength` add to them); per epoch (counted from 1) the metrics `epoch`, `train_loss`, `val_loss`,
+`lr`, then `train_acc`, `train_auc`, `val_acc`, `val_auc`, `val_f1_<class>`, `best_val_auc` (classification) or
+`train_mae`, `val_mae`, `best_val_mae` in the target's units (regression); on improving epochs a checkpoint directory
+with `model.pt` (ecgmodels checkpoint, trial facts in its extra) and `val_predictions.npz` (`y_true`, `y_score`,
+`rows`). `fault` = {"trials": [...], "epoch": e, "kind": "raise"|"nan"} fails those trial numbers at epoch e.
+
+The signals stay a memory map (shared by every trial on the machine through the page cache); batches are gathered
+from it by sorted row index, or on a GPU the split is moved there once when it fits and trained under autocast.
 """
 from __future__ import annotations
 
-import copy
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -272,6 +277,8 @@ def run_trial(config: dict, pretrained: dict[str, ECGModel] | None = None, repor
     trial = Trial(config, pretrained)
     best_dir = Path(workdir or tempfile.mkdtemp(prefix="ecgsearch-trial-")) / "best"
     fault = config["fault"] or {}
+    if fault and fault.get("kind") not in ("raise", "nan"):
+        raise InputError(f"fault {fault}: kind must be 'raise' or 'nan'")
     faulty = int(config["trial_number"]) in fault.get("trials", ())
     name, sign = trial.metric, (1 if trial.mode == "max" else -1)
     best, since_best = {}, 0
