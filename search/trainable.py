@@ -16,6 +16,7 @@ from it by sorted row index, or on a GPU the split is moved there once when it f
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -251,6 +252,8 @@ class Trial:
         extra = {**found, "task": self.task, "target": self.config["target"], "classes": list(CLASSES),
                  "rate": self.ds.rate, **self.scaling, "dataset_hash": self.ds.content_hash,
                  "pretrained": sorted(pretrained or {}), "config": self.config}
+        # numpy scalars (a searcher's samples) become Python values, so the checkpoint loads with weights_only
+        extra = json.loads(json.dumps(extra, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
         save_checkpoint(self.model, tmp / "model.pt", extra=extra)
         np.savez(tmp / "val_predictions.npz", y_true=y, y_score=score, rows=self.val.rows)
         shutil.rmtree(directory, ignore_errors=True)

@@ -95,11 +95,13 @@ def test_multi_label_rows_train_on_multi_hot_targets(data: Path, tmp_path: Path)
 
 def test_regression_reports_mae_in_units(data: Path, tmp_path: Path) -> None:
     reports: list = []
-    best = run_trial(config(data, task="regression", target="qt", schedule="cosine", **{"schedule.warmup_epochs": 1}),
+    searched = {"schedule.warmup_epochs": np.int64(1), "lr": np.float64(1e-3)}  # as a searcher may sample them
+    best = run_trial(config(data, task="regression", target="qt", schedule="cosine", **searched),
                      report=collect(reports), workdir=tmp_path)
     assert {"train_mae", "val_mae", "best_val_mae"} <= set(best)
     assert reports[0][0]["lr"] < reports[1][0]["lr"]  # warm-up
-    extra = read_checkpoint(tmp_path / "best" / "model.pt")["extra"]
+    extra = read_checkpoint(tmp_path / "best" / "model.pt")["extra"]  # loads with weights_only
+    assert extra["config"]["lr"] == 1e-3
     assert 300 < extra["target_mean"] < 460 and 10 < extra["target_std"] < 100  # QT in ms
     saved = np.load(tmp_path / "best" / "val_predictions.npz")
     qt = open_dataset(data).labels["qt"].to_numpy()[saved["rows"]]
