@@ -212,7 +212,8 @@ def describe(path: str | Path) -> str:
     m, lab = ds.manifest, ds.labels
     lines = [f"{ds.path}: {m['source']} dataset, {m['count']} ECGs x {len(m['leads'])} leads x {ds.length} samples "
              f"at {m['rate']} Hz ({m['units']}), content {m['content_hash']}",
-             f"  tasks: {', '.join(ds.tasks()) or 'none'}; normalisation: {m['normalisation']}"]
+             f"  tasks: {', '.join(ds.tasks()) or 'none'} (regression labels: {m.get('label_source', '-')})",
+             f"  normalisation: {m['normalisation']}, applied when training (signals are stored in {m['units']})"]
     counts = lab.groupby(["half", "split"]).size()
     lines.append("  rows: " + ", ".join(f"{h or '-'}/{s}={n}" for (h, s), n in counts.items()))
     single = lab[lab["label"] >= 0]
