@@ -45,7 +45,7 @@ def measure(ecg: np.ndarray, rate: int) -> dict[str, float | str]:
         rr = np.diff(rpeaks) * 1000.0 / rate
         rr = rr[(rr >= BOUNDS["rr"][0]) & (rr <= BOUNDS["rr"][1])]
         if len(rr) < MIN_BEATS - 1:
-            return {**out, "label_note": f"{len(rpeaks)} R peaks, too few for a rhythm"}
+            return {**out, "label_note": f"{len(rpeaks)} R peaks, {len(rr)} plausible RR intervals: too few"}
         out["hr"] = 60000.0 / float(np.median(rr))
         qrs_on, qrs_off = _qrs_bounds(clean, rpeaks, rate)
         if not BOUNDS["qrs"][0] <= qrs_off - qrs_on <= BOUNDS["qrs"][1]:
