@@ -78,14 +78,17 @@ class Search:
 
 # ----------------------------------------------------------------------------------------------------- config
 
-def _merge(defaults: dict, given: dict, where: str) -> dict:
+def _merge(defaults: dict, given: dict, file: str, prefix: str = "") -> dict:
+    """`given` over `defaults`, section by section (a stage's `space` and `data` are taken whole)."""
+    if not isinstance(given, dict):
+        raise InputError(f"{file}: {prefix.rstrip('.') or 'the file'} must be a mapping of settings")
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise InputError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(defaults)}")
+        raise InputError(f"{file}: {prefix}{unknown[0]}: unknown setting; known: {', '.join(defaults)}")
     out = dict(defaults)
     for k, v in given.items():
-        out[k] = _merge(defaults[k], v or {}, f"{where}.{k}") if isinstance(defaults[k], dict) and k not in (
-            "space", "data") else v
+        nested = isinstance(defaults[k], dict) and k not in ("space", "data")
+        out[k] = _merge(defaults[k], v or {}, file, f"{prefix}{k}.") if nested else v
     return out
 
 
@@ -113,7 +116,10 @@ def load_config(path: str | Path, registered: Callable[[str], bool] | None = Non
         for k in ("num_samples", "max_epochs"):
             if not isinstance(cfg[section][k], int) or cfg[section][k] < 1:
                 raise InputError(f"{where} {section}.{k} must be a positive integer, got {cfg[section][k]!r}")
-        SearchSpace(load_space_config(None, cfg[section]["space"] or {}), "baseline", {})  # raises on a bad space
+        try:
+            SearchSpace(load_space_config(None, cfg[section]["space"] or {}), "baseline", {})
+        except InputError as e:
+            raise InputError(f"{where} {section}.space: {e}") from None
     arch = cfg["architectures"]
     arch["archs"] = _names(arch["archs"], list_models(), f"{where} architectures.archs")
     arch["tasks"] = _names(arch["tasks"], [*TARGETS, "classification"], f"{where} architectures.tasks")
@@ -124,7 +130,7 @@ def load_config(path: str | Path, registered: Callable[[str], bool] | None = Non
     fine["sources"] = _names(fine["sources"], list(SOURCES), f"{where} finetune.sources")
     _names(fine["single_target"], TARGETS, f"{where} finetune.single_target")
 
-    data = _merge({"ptbxl": None, "deepfake": None}, cfg["data"] or {}, f"{path.name} data")
+    data = _merge({"ptbxl": None, "deepfake": None}, cfg["data"] or {}, path.name, "data.")
     used = {"ptbxl"} | {SOURCES[s][0] for s in (pre["sources"] if pre["targets"] else [])}
     used |= {SOURCES[s][0] for s in fine["sources"] if set(fine["approaches"]) - {"baseline"}}
     for name in sorted(used):
@@ -138,7 +144,7 @@ def load_config(path: str | Path, registered: Callable[[str], bool] | None = Non
         data["deepfake"]["rate"] = data["ptbxl"]["rate"]  # backbones transfer only between equal lengths
     cfg["data"] = data
 
-    for approach in set(fine["approaches"]) - {"baseline"}:
+    for approach in (a for a in fine["approaches"] if a != "baseline"):
         wanted = [fine["single_target"]] if approach == "single" else list(TARGETS)
         for source in fine["sources"]:
             missing = [t for t in wanted if not (t in pre["targets"] and source in pre["sources"])
@@ -456,8 +462,8 @@ def _architecture_tables(client: Any, experiment_id: str, found: list[Search], r
         return {}
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"architectures_csv": out / "architectures.csv", "architectures_md": out / "architectures.md"}
-    df.to_csv(paths["architectures_csv"], index=False)
+    paths = {n: out / n for n in ("architectures.csv", "architectures.md")}
+    df.to_csv(paths["architectures.csv"], index=False)
     lines = []
     reg = df[df["task"].isin(TARGETS)]
     if len(reg):
@@ -474,7 +480,7 @@ def _architecture_tables(client: Any, experiment_id: str, found: list[Search], r
                   "| arch | train acc | val acc | train AUC | val AUC |", "|---|---|---|---|---|"]
         lines += [f"| {r.arch} | {r.train_acc:.3f} | {r.val_acc:.3f} | {r.train_auc:.3f} | {r.val_auc:.3f} |"
                   for r in cls.itertuples()] + [""]
-    paths["architectures_md"].write_text("\n".join(lines))
+    paths["architectures.md"].write_text("\n".join(lines))
     return paths
 
 
