@@ -25,8 +25,9 @@ UNIT_SCALE = {"mv": 1.0, "uv": 1e-3}
 def prepare_ptbxl(root: str | Path, out: str | Path, rate: int = 100, features: str | Path | None = None,
                   min_likelihood: float = 0.0, split: str = "strat_fold", seed: int = 0, strict: bool = False,
                   workers: int | None = None) -> Path:
-    """Prepare PTB-XL under `root` into the dataset directory `out` (reused when its inputs and options are
-    unchanged). Bad records are skipped and listed in the manifest, or raise InputError when `strict`."""
+    """Prepare PTB-XL under `root` into the dataset directory `out` (reused when the options and the CSVs and record
+    files it reads are unchanged). Bad records are skipped and listed in the manifest, or raise InputError when
+    `strict`."""
     root, out = Path(root), Path(out)
     if rate not in FILENAME:
         raise InputError(f"--rate {rate}: PTB-XL has records at 100 and 500 Hz only")
@@ -38,11 +39,13 @@ def prepare_ptbxl(root: str | Path, out: str | Path, rate: int = 100, features: 
     twelve_sl = _features_file(features) if features is not None else None
     options = {"source": "ptbxl", "rate": rate, "min_likelihood": min_likelihood, "split": split, "seed": seed,
                "strict": strict, "features": str(twelve_sl), "root": str(root.resolve())}
-    key = cache_key(options, [database, statements] + ([twelve_sl] if twelve_sl else []))
+    meta = read_database(database, statements, min_likelihood)
+    records = [root / f"{f}{ext}" for f in meta[FILENAME[rate]] for ext in (".hea", ".dat")]
+    key = cache_key(options, [database, statements, *([twelve_sl] if twelve_sl else []),
+                              *(f for f in records if f.is_file())])
     if is_current(out, key):
         return out
 
-    meta = read_database(database, statements, min_likelihood)
     meta = assign_splits(meta, split, seed)
     if twelve_sl is not None:
         meta = meta.join(read_12sl(twelve_sl), on="ecg_id")
