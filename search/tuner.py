@@ -1,0 +1,267 @@
+"""One search: validate everything, then Ray Tune runs Optuna's trials (TPE over the define-by-run space) under an
+ASHA scheduler, while the driver tracks them in MLflow (search/tracking.py).
+
+    from search.tuner import run_search
+    result = run_search("prepared/ptbxl-100", "classification", half="A", num_samples=8, max_epochs=4)
+    print(result.table)
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray.tune.schedulers import ASHAScheduler
+
+from data_prep.constants import TARGETS
+from data_prep.dataset import open_dataset
+from data_prep.errors import InputError
+from search import tracking
+from search.space import APPROACHES, SearchSpace, load_space_config
+from search.trainable import search_metric
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class SearchResult:
+    """What a search leaves: its MLflow parent run, a table of all trials and the best one."""
+
+    name: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    metric: str
+    mode: str
+    table: pd.DataFrame  # one row per trial: number, id, run id, status, epochs, best metric, reason, config
+    storage: Path
+
+    @property
+    def best(self) -> pd.Series | None:
+        scored = self.table[self.table[f"best_{self.metric}"].notna()]
+        if scored.empty:
+            return None
+        col = scored[f"best_{self.metric}"]
+        return scored.loc[col.idxmax() if self.mode == "max" else col.idxmin()]
+
+    def ui_url(self, port: int = 5000) -> str:
+        return tracking.ui_url(self.tracking_uri, self.experiment_id, port=port)
+
+    def summary(self) -> str:
+        """The trials table, the best trial and how to open the MLflow UI on them, for printing."""
+        counts = self.table["status"].value_counts()
+        cols = ["trial_number", "status", "epochs", f"best_{self.metric}", "arch", "lr", "schedule", "failure_reason"]
+        lines = [f"search {self.name}: {len(self.table)} trials ({counts.get('finished', 0)} finished, "
+                 f"{counts.get('pruned', 0)} stopped early by ASHA, {counts.get('failed', 0)} failed); "
+                 f"MLflow run {self.parent_run_id}",
+                 self.table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+        best = self.best
+        if best is not None:
+            lines.append(f"best: trial {best['trial_number']} ({best['arch']}), {self.metric} "
+                         f"{best[f'best_{self.metric}']:.4f}, MLflow run {best['run_id']}")
+        ui = "" if self.tracking_uri.startswith("http") else f"ecgsearch ui --tracking-uri {self.tracking_uri}, then "
+        lines.append(f"MLflow UI: {ui}open {self.ui_url()}")
+        return "\n".join(lines)
+
+
+class PruningASHA(ASHAScheduler):
+    """ASHA that remembers the trials it stopped before max_t (pruned), so they can be told from finished ones."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pruned: set[str] = set()
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == self.STOP and result[self._time_attr] < self._max_t:
+            self.pruned.add(trial.trial_id)
+        return decision
+
+
+def load_pretrained(specs: dict[str, str], data_length: int, n_leads: int,
+                    tracking_uri: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """target -> loaded model from a checkpoint path (model.pt or a directory holding one) or a registry URI
+    (`models:/NAME@alias`, `models:/NAME/VERSION`), checked against the dataset; and target -> lineage text."""
+    import mlflow
+    from ecgmodels import load_checkpoint
+    from ecgmodels.checkpoint import read_checkpoint
+
+    models, lineage = {}, {}
+    for target, uri in specs.items():
+        if target not in TARGETS:
+            raise InputError(f"--pretrained {target}={uri}: unknown target {target!r}; choose from {', '.join(TARGETS)}")
+        if uri.startswith("models:/"):
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+            except Exception as e:  # MlflowException or a store error: either way the model is not there
+                raise InputError(f"--pretrained {target}={uri}: not in the registry ({str(e).splitlines()[0]})") from None
+            found = sorted(local.rglob("model.pt"))
+            if not found:
+                raise InputError(f"--pretrained {target}={uri}: the registered model holds no model.pt")
+            path = found[0]
+        else:
+            path = Path(uri) / "model.pt" if Path(uri).is_dir() else Path(uri)
+            if not path.is_file():
+                raise InputError(f"--pretrained {target}={uri}: no checkpoint at {path}")
+        extra = read_checkpoint(path)["extra"]
+        model = load_checkpoint(path)
+        cfg = model.config
+        if extra.get("target") not in (None, target):
+            raise InputError(f"--pretrained {target}={uri}: that model was trained on {extra['target']!r}")
+        if (cfg["n_leads"], cfg["length"]) != (n_leads, data_length):
+            raise InputError(f"--pretrained {target}={uri}: takes {cfg['n_leads']} leads x {cfg['length']} samples, "
+                             f"the dataset holds {n_leads} x {data_length} (another sampling rate?)")
+        models[target] = model
+        lineage[target] = f"{uri} (dataset {extra.get('dataset_hash', 'unknown')})"
+    return models, lineage
+
+
+def check_inputs(data: str | Path, task: str, target: str | None, approach: str, half: str | None,
+                 pretrained: dict[str, str]) -> Any:
+    """The prepared dataset, checked to have labels for the task (and rows of the half); the approach checked
+    against the pretrained models given."""
+    ds = open_dataset(data)
+    if task not in ("classification", "regression"):
+        raise InputError(f"--task {task!r}: choose classification or regression")
+    if task == "regression" and target not in TARGETS:
+        raise InputError(f"--target {target!r}: regression needs one of {', '.join(TARGETS)}")
+    wanted = "classification" if task == "classification" else f"regression:{target}"
+    if wanted not in ds.tasks():
+        raise InputError(f"{ds.path} has no labels for {wanted}; it has {', '.join(ds.tasks()) or 'none'}")
+    if half is not None and not len(ds.select(half=half)):
+        raise InputError(f"--half {half}: {ds.path} has no rows of half {half}")
+    if approach not in APPROACHES:
+        raise InputError(f"--approach {approach!r}: choose from {', '.join(APPROACHES)}")
+    need = {"baseline": set(), "single": None, "fused": set(TARGETS)}[approach]
+    given = set(pretrained)
+    if (need is None and len(given) != 1) or (need is not None and given != need):
+        wants = {"baseline": "none", "single": "exactly one TARGET=URI", "fused": f"one each for {', '.join(TARGETS)}"}
+        raise InputError(f"--pretrained: approach {approach} takes {wants[approach]}, got {sorted(given) or 'none'}")
+    return ds
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_search(data: str | Path, task: str = "classification", *, target: str | None = None,
+               approach: str = "baseline", pretrained: dict[str, str] | None = None, half: str | None = None,
+               num_samples: int = 8, config: str | Path | None = None, space_overrides: dict | None = None,
+               max_concurrent: int = 2, cpus_per_trial: float = 1, gpus_per_trial: float = 0,
+               time_budget_s: float | None = None, max_epochs: int = 10, address: str | None = None,
+               tracking_uri: str | None = None, name: str | None = None, storage_path: str | Path | None = None,
+               seed: int = 0, sampler: str = "tpe", asha: bool = True, reduction_factor: int = 2,
+               max_failures: int = 0, top_k: int = 3, fault: dict | None = None,
+               experiment: str = tracking.DEFAULT_EXPERIMENT, single_label: bool = True,
+               parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> SearchResult:
+    """Run one search and return its result; every input is checked before Ray starts.
+
+    `sampler` "tpe" (Optuna TPE, seeded) or "random"; `asha=False` runs every trial to its end (FIFO). `top_k` trials
+    get their checkpoint and plots logged. `fault` is the trial contract's fault injection (tests). `parent_run_id`
+    nests the search's run under another (a study's); `tags` go on the search's run.
+    """
+    import ray
+    from optuna.samplers import RandomSampler, TPESampler
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    pretrained = dict(pretrained or {})
+    data = Path(data).resolve()
+    ds = check_inputs(data, task, target, approach, half, pretrained)
+    target = target if task == "regression" else None
+    client, uri = tracking.open_store(tracking_uri)
+    models, lineage = load_pretrained(pretrained, ds.length, ds.signals.shape[1], uri)
+    metric, mode = search_metric(task)
+    constants = {"data": str(data), "task": task, "target": target, "half": half, "single_label": single_label,
+                 "max_epochs": max_epochs, "seed": seed, "threads": max(1, int(cpus_per_trial)), "fault": fault}
+    spec = load_space_config(config, space_overrides)
+    space = SearchSpace(spec, approach, constants, models)
+    if sampler not in ("tpe", "random"):
+        raise InputError(f"sampler {sampler!r}: choose tpe or random")
+    if num_samples < 1 or max_epochs < 1:
+        raise InputError(f"--num-samples and --max-epochs must be at least 1, got {num_samples} and {max_epochs}")
+
+    name = name or f"{approach}-{target or task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(storage_path or Path.cwd() / "ray_results").resolve()
+    experiment_id = tracking.experiment_id(client, uri, experiment)
+    parent = client.create_run(experiment_id, run_name=name, tags={
+        "approach": approach, "task": task, "target": str(target), "source": ds.manifest.get("source", "unknown"),
+        "dataset_hash": ds.content_hash, "mlflow.source.git.commit": git_commit(),
+        **{f"pretrained.{t}": text for t, text in lineage.items()}, **(tags or {}),
+        **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}).info.run_id
+    tracking.log_params(client, parent, {
+        **constants, "approach": approach, "num_samples": num_samples, "max_concurrent": max_concurrent,
+        "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "time_budget_s": time_budget_s,
+        "sampler": sampler, "asha": asha, "reduction_factor": reduction_factor, "max_failures": max_failures,
+        "storage": str(storage / name), "dataset_rate": ds.rate, **space.describe()})
+    client.log_dict(parent, spec, "search_space.yaml")
+    print(f"search {name}: MLflow run {parent} in {uri}", flush=True)
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one save per improvement
+    started = not ray.is_initialized()
+    if started:
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    status = "FAILED"
+    try:
+        ot_sampler = TPESampler(seed=seed) if sampler == "tpe" else RandomSampler(seed=seed)
+        searcher = OptunaSearch(space=space, metric=metric, mode=mode, sampler=ot_sampler)
+        scheduler = (PruningASHA(metric=metric, mode=mode, time_attr="training_iteration", max_t=max_epochs,
+                                 grace_period=1, reduction_factor=reduction_factor) if asha else FIFOScheduler())
+        runs = tracking.TrialRuns(client, experiment_id, parent, metric, num_samples,
+                                  getattr(scheduler, "pruned", set()))
+        from search.trainable import train_trial
+
+        trainable = tune.with_resources(tune.with_parameters(train_trial, pretrained=models or None),
+                                        {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=max_concurrent, time_budget_s=time_budget_s,
+                                        reuse_actors=True,
+                                        trial_dirname_creator=lambda t: f"trial_{t.config['trial_number']}_{t.trial_id}"),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage), callbacks=[runs], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                                        checkpoint_score_order=mode)))
+        results = tuner.fit()
+        table = trials_table(results, runs, metric)
+        top = table[table[f"best_{metric}"].notna()].sort_values(f"best_{metric}", ascending=mode == "min")
+        checkpoints = {r.config["trial_number"]: r.checkpoint for r in results if r.checkpoint}
+        for number, run_id in zip(top["trial_number"][:top_k], top["run_id"][:top_k]):
+            if number in checkpoints:
+                with checkpoints[number].as_directory() as d:
+                    tracking.log_trial_artifacts(client, run_id, Path(d), task, target)
+        tracking.log_search_summary(client, parent, table, space, metric, mode)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent, status)
+        if started:
+            ray.shutdown()
+    return SearchResult(name, parent, experiment_id, uri, metric, mode, table, storage / name)
+
+
+def trials_table(results: Any, runs: tracking.TrialRuns, metric: str) -> pd.DataFrame:
+    """One row per trial from Tune's results and the callback's records, in trial order."""
+    rows = []
+    for r in results:
+        number = r.config["trial_number"]
+        rows.append({"trial_number": number, **runs.trials.get(number, {"status": "failed" if r.error else "?"}),
+                     "epochs": r.metrics.get("training_iteration", 0), f"best_{metric}": r.metrics.get(f"best_{metric}"),
+                     "arch": r.config.get("arch"), "lr": r.config.get("lr"), "schedule": r.config.get("schedule"),
+                     "config": r.config})
+    table = pd.DataFrame(rows).sort_values("trial_number").reset_index(drop=True)
+    table[f"best_{metric}"] = pd.to_numeric(table[f"best_{metric}"])
+    return table

@@ -1,0 +1,80 @@
+"""Promotion to the MLflow registry: the alias `champion` moves only on improvement (and says so otherwise),
+`force` moves it anyway, and the registered pyfunc predicts exactly what the trial's checkpoint does."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from data_prep.dataset import open_dataset
+from ecgmodels import load_checkpoint
+from search.cli import main
+from search.promote import promote
+from search.tuner import SearchResult, run_search
+from search_fixtures import local_ray, small_ptbxl  # noqa: F401 (fixtures)
+
+TINY = {"arch": "cnn1d", "archs": {"cnn1d": {"width": 8, "depth": 3}}, "batch_size": 32, "schedule": "constant",
+        "aug": {a: {"p": 0.0} for a in ("noise", "wander", "scale", "shift", "lead_dropout", "time_mask")}}
+
+
+@pytest.fixture(scope="module")
+def searches(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """A weak search (one epoch at a tiny learning rate) and a stronger one, in one store."""
+    tmp = tmp_path_factory.mktemp("promote")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    found = {}
+    for name, lr, epochs in (("weak", 1e-6, 1), ("strong", 3e-3, 4)):
+        found[name] = run_search(small_ptbxl, "classification", num_samples=2, max_epochs=epochs, tracking_uri=uri,
+                                 space_overrides={**TINY, "lr": lr}, storage_path=tmp / "ray", name=name, top_k=1)
+    assert found["strong"].best["best_val_auc"] > found["weak"].best["best_val_auc"]  # the premise of the test
+    return uri, found
+
+
+def champion(uri: str, name: str = "ecg") -> str:
+    return str(MlflowClient(uri).get_model_version_by_alias(name, "champion").version)
+
+
+def test_champion_moves_only_on_improvement_and_force_overrides(searches: tuple[str, dict],
+                                                                capsys: pytest.CaptureFixture) -> None:
+    uri, found = searches
+    first = promote("strong", "ecg", tracking_uri=uri)  # by search name
+    assert first.moved and "first champion" in first.message and champion(uri) == first.version
+
+    worse = promote(found["weak"].parent_run_id, "ecg", tracking_uri=uri)  # by run id
+    assert not worse.moved and "does not beat" in worse.message and "--force" in worse.message
+    assert worse.version != first.version and champion(uri) == first.version  # registered, alias kept
+
+    assert main(["promote", "--search", "weak", "--name", "ecg", "--force", "--tracking-uri", uri]) == 0
+    assert "forced" in capsys.readouterr().out
+    forced = champion(uri)
+    assert forced not in (first.version, worse.version)
+
+    better = promote("strong", "ecg", tracking_uri=uri)
+    assert better.moved and "beats" in better.message and champion(uri) == better.version
+
+
+def test_registered_model_predicts_what_the_checkpoint_does(searches: tuple[str, dict], small_ptbxl: Path,
+                                                            tmp_path: Path) -> None:
+    uri, found = searches
+    promoted = promote("strong", "ecg-equal", tracking_uri=uri)
+    client = MlflowClient(uri)
+    version = client.get_model_version("ecg-equal", promoted.version)
+    assert version.tags["search_run_id"] == found["strong"].parent_run_id
+    assert version.tags["run_id"] == found["strong"].best["run_id"]
+    assert version.tags["dataset_hash"] == open_dataset(small_ptbxl).content_hash
+    assert float(version.tags["val_auc"]) == pytest.approx(found["strong"].best["best_val_auc"])
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/ecg-equal@champion")
+    x = np.asarray(open_dataset(small_ptbxl).signals[:16], dtype=np.float32)
+    got = model.predict(x)
+    checkpoint = client.download_artifacts(version.tags["run_id"], "model.pt", str(tmp_path))
+    with torch.inference_mode():
+        want = torch.softmax(load_checkpoint(checkpoint).eval()(torch.from_numpy(x)), 1).numpy()
+    assert got.shape == (16, 5) and np.allclose(got.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert tuple(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 8, 1000)

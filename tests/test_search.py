@@ -1,0 +1,100 @@
+"""End to end on a real local Ray (2 CPUs) and a real sqlite MLflow: child runs per trial nested under the search's
+run, metrics per epoch, artifacts, an injected failure recorded while the others finish, ASHA pruning. (Inputs that
+must fail before Ray starts: test_space.py.)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.tuner import SearchResult, run_search
+from search_fixtures import local_ray, small_ptbxl, store  # noqa: F401 (fixtures)
+
+TINY = {"arch": "cnn1d", "archs": {"cnn1d": {"width": 8, "depth": 3}}, "batch_size": 32, "patience": 5}
+
+
+@pytest.fixture(scope="module")
+def search(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, str]:
+    """8 tiny trials of 4 epochs, 2 at a time under ASHA; trial 1 raises at its first epoch."""
+    tmp = tmp_path_factory.mktemp("search")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = run_search(small_ptbxl, "classification", num_samples=8, max_epochs=4, space_overrides=TINY,
+                        tracking_uri=uri, storage_path=tmp / "ray", name="tiny", seed=1,
+                        fault={"trials": [1], "epoch": 1, "kind": "raise"})
+    return result, uri
+
+
+def children(uri: str, result: SearchResult) -> list:
+    return MlflowClient(uri).search_runs([result.experiment_id],
+                                         f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+
+
+def test_one_child_run_per_trial_nested_under_the_search(search: tuple[SearchResult, str]) -> None:
+    result, uri = search
+    runs = children(uri, result)
+    assert len(runs) == len(result.table) == 8
+    assert sorted(int(r.data.tags["trial_number"]) for r in runs) == list(range(8))
+    parent = MlflowClient(uri).get_run(result.parent_run_id)
+    assert parent.info.run_name == "tiny" and parent.info.status == "FINISHED"
+    assert parent.data.tags["approach"] == "baseline" and parent.data.tags["task"] == "classification"
+    assert parent.data.tags["dataset_hash"] and parent.data.tags["mlflow.source.git.commit"]
+    assert parent.data.params["space.lr"] == "0.0001..0.01 log" and parent.data.params["space.arch"] == "'cnn1d'"
+    for run in runs:  # params are the trial's config
+        assert run.data.params["arch"] == "cnn1d" and run.data.params["arch.width"] == "8"
+
+
+def test_failed_trial_is_failed_with_its_reason_while_the_others_finish(search: tuple[SearchResult, str]) -> None:
+    result, uri = search
+    by_number = {int(r.data.tags["trial_number"]): r for r in children(uri, result)}
+    failed = by_number.pop(1)
+    assert failed.info.status == "FAILED"
+    assert "RuntimeError: injected fault: trial 1 raised at epoch 1" in failed.data.tags["failure_reason"]
+    assert all(r.info.status == "FINISHED" for r in by_number.values())
+    row = result.table.set_index("trial_number").loc[1]
+    assert row["status"] == "failed" and "injected fault" in row["failure_reason"]
+
+
+def test_metrics_per_epoch_and_asha_stops_some_trials_early(search: tuple[SearchResult, str]) -> None:
+    result, uri = search
+    client = MlflowClient(uri)
+    table = result.table.set_index("trial_number")
+    assert (table["status"] == "pruned").any() and (table["status"] == "finished").any()
+    for run in children(uri, result):
+        row = table.loc[int(run.data.tags["trial_number"])]
+        if row["status"] == "failed":
+            continue
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")]
+        assert steps == list(range(1, int(row["epochs"]) + 1))
+        assert {"train_loss", "val_loss", "val_acc", "val_f1_HYP", "best_val_auc", "lr"} <= set(run.data.metrics)
+        assert run.data.tags["stopped_by"] == ("scheduler" if row["status"] == "pruned" else "trainer")
+        if row["status"] == "pruned":
+            assert row["epochs"] < 4
+
+
+def test_artifacts_on_the_top_trials_and_the_search(search: tuple[SearchResult, str]) -> None:
+    result, uri = search
+    client = MlflowClient(uri)
+    best = result.best
+    assert best is not None and best["best_val_auc"] == result.table["best_val_auc"].max()
+    top = set(result.table.sort_values("best_val_auc", ascending=False)["run_id"][:3])
+    for run in children(uri, result):
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if run.info.run_id in top:
+            assert {"model.pt", "val_predictions.npz", "confusion_matrix.png", "roc_curves.png"} <= names
+        else:
+            assert "model.pt" not in names
+    names = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"trials.csv", "search_space.yaml", "param_importances.png", "parallel_coordinates.png"} <= names
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.metrics["best_val_auc"] == pytest.approx(best["best_val_auc"])
+    assert parent.data.metrics["trials_failed"] == 1
+    assert "#/experiments/" in result.summary() and "workflowType=machine_learning" in result.summary()
+
+
+def test_regression_search_plots_predicted_vs_true(local_ray, small_ptbxl: Path, store: str, tmp_path: Path) -> None:
+    result = run_search(small_ptbxl, "regression", target="qrs", num_samples=2, max_epochs=1, space_overrides=TINY,
+                        tracking_uri=store, storage_path=tmp_path / "ray", top_k=1)
+    assert result.metric == "val_mae" and result.best["best_val_mae"] > 0
+    names = {a.path for a in MlflowClient(store).list_artifacts(result.best["run_id"])}
+    assert {"model.pt", "predicted_vs_true.png"} <= names
