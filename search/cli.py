@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from data_prep.errors import InputError
@@ -35,11 +36,22 @@ def _data_deepfake(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """Prepare the embedded sample (and a few hundred DeepFake ECGs), search, promote, print (README: The demo)."""
     from data_prep.dataset import describe
+    from data_prep.deepfake import prepare_deepfake
     from data_prep.ptbxl import prepare_ptbxl
+    from search.promote import promote
+    from search.tuner import run_search
 
-    out = prepare_ptbxl(SAMPLE_DATA / "ptbxl", Path(args.workdir) / "ptbxl-100", rate=100)
-    print(describe(out))
+    workdir = Path(args.workdir)
+    ptbxl = prepare_ptbxl(SAMPLE_DATA / "ptbxl", workdir / "ptbxl-100", rate=100)
+    print(describe(ptbxl))
+    print(describe(prepare_deepfake(workdir / "deepfake-300", count=300, seed=0, rate=100)))
+    result = run_search(ptbxl, "classification", num_samples=args.num_samples, max_epochs=args.max_epochs,
+                        config=REPO_ROOT / "configs" / "demo.yaml", max_concurrent=2, cpus_per_trial=1,
+                        tracking_uri=args.tracking_uri, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(promote(result.parent_run_id, "ecgsearch-demo", metric="val_auc", tracking_uri=result.tracking_uri).message)
+    print(result.summary())
     return 0
 
 
@@ -58,6 +70,43 @@ def _server(args: argparse.Namespace) -> int:
         return server.process.wait()
     finally:
         server.stop()
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    """`--pretrained qrs=URI hr=URI` -> {"qrs": URI, "hr": URI}."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise InputError(f"--pretrained {item!r}: write TARGET=URI, e.g. qrs=models:/ecg-qrs@champion")
+        pairs[key] = value
+    return pairs
+
+
+def _search(args: argparse.Namespace) -> int:
+    from search.tuner import run_search
+
+    result = run_search(args.data, args.task, target=args.target, approach=args.approach,
+                        pretrained=_pairs(args.pretrained), half=args.half, num_samples=args.num_samples,
+                        config=args.config, max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+                        gpus_per_trial=args.gpus_per_trial, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
+                        address=args.address, tracking_uri=args.tracking_uri, name=args.name,
+                        storage_path=args.storage_path, seed=args.seed, max_failures=args.max_failures)
+    print(result.summary())
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from search.promote import promote
+
+    print(promote(args.search, args.name, metric=args.metric, force=args.force, tracking_uri=args.tracking_uri).message)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from search.tracking import serve_ui
+
+    return serve_ui(args.tracking_uri, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +147,47 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--workers", type=int, default=1, help="server worker processes (1 keeps it near 0.4 GiB)")
     server.set_defaults(func=_server)
 
+    search = sub.add_parser("search", help="run a hyperparameter search (Ray Tune + Optuna + ASHA, tracked in MLflow)")
+    search.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
+    search.add_argument("--task", required=True, choices=("classification", "regression"))
+    search.add_argument("--target", default=None, help="regression target: hr, pr, qrs or qt")
+    search.add_argument("--approach", default="baseline", choices=("baseline", "single", "fused"))
+    search.add_argument("--pretrained", nargs="*", default=[], metavar="TARGET=URI",
+                        help="pretrained models for single/fused: checkpoint path or models:/NAME@champion")
+    search.add_argument("--half", choices=("A", "B"), default=None, help="rows of this half only (default: all)")
+    search.add_argument("--num-samples", type=int, required=True, help="number of trials")
+    search.add_argument("--config", type=Path, default=None, help="search space YAML merged over configs/search.yaml")
+    search.add_argument("--max-concurrent", type=int, default=2, help="trials at a time")
+    search.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs reserved (and torch threads) per trial")
+    search.add_argument("--gpus-per-trial", type=float, default=0, help="GPU fraction per trial, e.g. 0.25")
+    search.add_argument("--time-budget", type=float, default=None, help="stop starting trials after S seconds")
+    search.add_argument("--max-epochs", type=int, default=10, help="epochs per trial (ASHA's max_t)")
+    search.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
+    search.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: a local Ray")
+    search.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
+    search.add_argument("--name", default=None, help="search name (MLflow parent run, Ray experiment)")
+    search.add_argument("--storage-path", type=Path, default=None, help="Ray results (default ./ray_results)")
+    search.add_argument("--seed", type=int, default=0)
+    search.set_defaults(func=_search)
+
+    promote = sub.add_parser("promote", help="register a search's best model; move alias champion if it is better")
+    promote.add_argument("--search", required=True, help="the search's MLflow run id or name")
+    promote.add_argument("--name", required=True, help="registered model name")
+    promote.add_argument("--metric", default="val_auc", help="compare on this metric (val_mae: lower is better)")
+    promote.add_argument("--force", action="store_true", help="move champion even if it is not better")
+    promote.add_argument("--tracking-uri", default=None)
+    promote.set_defaults(func=_promote)
+
+    ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the tracking store (blocks)")
+    ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=_ui)
+
     demo = sub.add_parser("demo", help="run the demo on the embedded sample data")
-    demo.add_argument("--workdir", type=Path, default=Path("prepared"))
+    demo.add_argument("--workdir", type=Path, default=Path("prepared"), help="prepared datasets (reused)")
+    demo.add_argument("--num-samples", type=int, default=16, help="trials")
+    demo.add_argument("--max-epochs", type=int, default=10)
+    demo.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
     demo.set_defaults(func=_demo)
     return p
 
