@@ -20,23 +20,23 @@ from search.trainable import run_trial
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "ptbxl"
 
 
-def plain_epochs(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, bf16: bool) -> float:
-    """Seconds per epoch of a bare AdamW loop (the first epoch is a warm-up and not counted)."""
+def plain_epochs(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, bf16: bool) -> tuple[float, float]:
+    """Wall and CPU seconds per epoch of a bare AdamW loop (the first epoch is a warm-up and not counted)."""
     torch.manual_seed(0)
     model = create_model("inception1d", "classification", 5, x.shape[1], x.shape[2])
     opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-2)
     rng = np.random.default_rng(0)
     times = []
     for _ in range(epochs + 1):
-        start = time.perf_counter()
+        start = np.array([time.perf_counter(), time.process_time()])
         for idx in np.array_split(rng.permutation(len(x)), int(np.ceil(len(x) / batch_size))):
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x[idx]).float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        times.append(time.perf_counter() - start)
-    return float(np.mean(times[1:]))
+        times.append(np.array([time.perf_counter(), time.process_time()]) - start)
+    return tuple(np.mean(times[1:], axis=0))
 
 
 def main() -> None:
@@ -56,17 +56,20 @@ def main() -> None:
     config = {"data": str(data), "task": "classification", "half": args.half, "max_epochs": args.epochs + 1,
               "patience": 99, "threads": args.threads, "batch_size": args.batch_size}
     start = time.perf_counter()
-    run_trial(config, report=lambda found, _: stamps.append(time.perf_counter()), workdir=work / "trial")
-    trial = float(np.mean(np.diff(stamps)))  # the first epoch (and the build before it) is not counted
-    print(f"run_trial: {trial:.1f} s/epoch ({len(rows)} train + {len(val)} val rows, {args.threads} thread(s), "
-          f"batch {args.batch_size}; {stamps[0] - start:.1f} s to the end of epoch 1)")
+    run_trial(config, report=lambda found, _: stamps.append([time.perf_counter(), time.process_time()]),
+              workdir=work / "trial")
+    trial, trial_cpu = np.diff(stamps, axis=0).mean(0)  # the first epoch (and the build before it) is not counted
+    print(f"run_trial: {trial:.1f} s/epoch, {trial_cpu:.1f} CPU s ({len(rows)} train + {len(val)} val rows, "
+          f"{args.threads} thread(s), batch {args.batch_size}; {stamps[0][0] - start:.1f} s to the end of epoch 1)")
 
     x = torch.from_numpy(np.asarray(ds.signals[rows]))
     y = torch.as_tensor(ds.labels["label"].to_numpy()[rows])
-    plain = plain_epochs(x, y, args.epochs, args.batch_size, bf16=False)
-    print(f"plain fp32 loop: {plain:.1f} s/epoch  -> run_trial / plain = {trial / plain:.2f}")
-    bf16 = plain_epochs(x, y, args.epochs, args.batch_size, bf16=True)
-    print(f"plain bf16-autocast loop: {bf16:.1f} s/epoch  -> fp32 / bf16 = {plain / bf16:.2f}")
+    plain, plain_cpu = plain_epochs(x, y, args.epochs, args.batch_size, bf16=False)
+    print(f"plain fp32 loop: {plain:.1f} s/epoch, {plain_cpu:.1f} CPU s  -> run_trial / plain = {trial / plain:.2f} "
+          f"(CPU {trial_cpu / plain_cpu:.2f})")
+    bf16, bf16_cpu = plain_epochs(x, y, args.epochs, args.batch_size, bf16=True)
+    print(f"plain bf16-autocast loop: {bf16:.1f} s/epoch, {bf16_cpu:.1f} CPU s  -> fp32 / bf16 = {plain / bf16:.2f} "
+          f"(CPU {plain_cpu / bf16_cpu:.2f})")
 
 
 if __name__ == "__main__":
