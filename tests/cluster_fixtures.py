@@ -69,11 +69,13 @@ class TwoNodeCluster:
 
 
 def _start_node(args: list[str], log: Path) -> subprocess.Popen:
+    """`ray start --block` in its own process group. Token auth off: in Ray 2.60 a head turns it on by itself when
+    ~/.ray/auth_token exists, but a joining node and ray.init(address=HOST:PORT) do not, so they could not connect."""
     ray = Path(sys.executable).with_name("ray")
     with open(log, "wb") as out:
         return subprocess.Popen([str(ray), "start", "--block", "--disable-usage-stats", *args], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+                                env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled"))
 
 
 def _stop_node(process: subprocess.Popen) -> None:
@@ -89,6 +91,22 @@ def _stop_node(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     process.wait()
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait(ready, nodes: list[subprocess.Popen], timeout: float, what: str, logs: Path) -> None:
+    """Poll `ready()` until true; fail at once if a `ray start` exited (ray.init would retry for minutes)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if any(p.poll() is not None for p in nodes):
+            raise RuntimeError(f"ray start exited before {what} was up; see {logs}/head.log and worker.log")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not up within {timeout:.0f} s; see {logs}")
+        time.sleep(0.3)
 
 
 def _node_args(temp_dir: str, ip: str) -> list[str]:
@@ -109,25 +127,14 @@ def two_node_cluster(tmp_path: Path) -> TwoNodeCluster:
     address = f"127.0.0.1:{port}"
     dirs = [tempfile.mkdtemp(prefix="rayh", dir="/tmp"), tempfile.mkdtemp(prefix="rayw", dir="/tmp")]
     nodes = [_start_node(["--head", "--port", str(port), "--include-dashboard", "false",
-                          "--ray-client-server-port", str(free_port()), *_node_args(dirs[0], "127.0.0.1")],
-                         tmp_path / "head.log")]
+                          *_node_args(dirs[0], "127.0.0.1")], tmp_path / "head.log")]
     try:
+        _wait(lambda: _answers(port), nodes, 60, f"the head's GCS port {port}", tmp_path)
         nodes.append(_start_node(["--address", address, *_node_args(dirs[1], "127.0.0.2")], tmp_path / "worker.log"))
-        deadline = time.monotonic() + 60
-        alive: list[dict] = []
-        while time.monotonic() < deadline and len(alive) < 2:
-            if any(p.poll() is not None for p in nodes):
-                raise RuntimeError(f"ray start exited; see {tmp_path}/head.log and worker.log")
-            try:
-                if not ray.is_initialized():
-                    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-                alive = [n for n in ray.nodes() if n["Alive"]]
-            except ConnectionError:
-                pass
-            time.sleep(0.5)
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        _wait(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, nodes, 60, "the worker node", tmp_path)
+        alive = [n for n in ray.nodes() if n["Alive"]]
         ray.shutdown()
-        if len(alive) < 2:
-            raise RuntimeError(f"the two-node cluster at {address} did not come up in 60 s; see {tmp_path}")
         node_ips = {n["NodeManagerAddress"]: n["NodeID"] for n in alive}
         assert len(node_ips) == 2, f"both nodes report one IP {node_ips}: trials could not be told apart"
         head_ip = next(n["NodeManagerAddress"] for n in alive if n["Resources"].get("node:__internal_head__"))

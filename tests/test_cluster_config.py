@@ -60,6 +60,9 @@ def test_nothing_open_to_the_world(config):
         assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", []))
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start
+    # Ray's token auth on every node: the token file travels, and the mode is set for every command
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("export RAY_AUTH_MODE=token" in c for c in config["setup_commands"])
 
 
 def test_setup_installs_torch_first_then_the_project(config):
