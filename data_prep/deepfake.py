@@ -33,7 +33,8 @@ def prepare_deepfake(out: str | Path, count: int | None = None, seed: int = 0, a
     CSV when given, else the extractor), into the dataset directory `out` (reused when unchanged), at `rate` Hz."""
     out = Path(out)
     if rate not in (100, RATE):
-        raise InputError(f"DeepFake: rate {rate}: choose 500 (as generated) or 100 (resampled, like PTB-XL's records100)")
+        raise InputError(f"DeepFake: rate {rate}: choose 500 (as generated) or 100 (resampled, like PTB-XL's "
+                         "records100)")
     if (count is None) == (asc_dir is None):
         raise InputError("DeepFake: give exactly one of count (generate) or asc_dir (read the published .asc files)")
     if count is not None:
@@ -68,14 +69,14 @@ def _generate(out: Path, count: int, seed: int, workers: int | None, rate: int) 
 
 def generate(count: int, seed: int, device: str = "cpu") -> Iterator[np.ndarray]:
     """Batches of generated ECGs as (n, 8, 5000) float32 mV; the same seed gives the same ECGs."""
+    import deepfakeecg
     import torch
-    from deepfakeecg import Generator
 
-    weights = Path(__import__("deepfakeecg").__file__).parent / "checkpoints" / "g_stat.pt"
+    weights = Path(deepfakeecg.__file__).parent / "checkpoints" / "g_stat.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # its init calls the deprecated nn.init.kaiming_normal
-        net = Generator()
-    net.load_state_dict(torch.load(weights, map_location=device, weights_only=False)["stat_dict"])
+        net = deepfakeecg.Generator()
+    net.load_state_dict(torch.load(weights, map_location=device, weights_only=True)["stat_dict"])
     net.to(device).eval()
     noise_rng = torch.Generator().manual_seed(seed)  # noise drawn on the CPU, so a seed means the same input anywhere
     with torch.inference_mode():
@@ -104,12 +105,14 @@ def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, st
     if ground_truth is not None and not ground_truth.is_file():
         raise InputError(f"{ground_truth} not found (the DeepFake ground-truth CSV)")
     key = cache_key({"source": "deepfake", "asc_dir": str(asc_dir.resolve()), "seed": seed, "strict": strict,
-                     "ground_truth": str(ground_truth), "rate": rate}, files + ([ground_truth] if ground_truth else []))
+                     "ground_truth": str(ground_truth), "rate": rate},
+                    files + ([ground_truth] if ground_truth else []))
     if is_current(out, key):
         return out
     truth = read_ground_truth(ground_truth) if ground_truth else None
     jobs = [(str(f), truth is None, rate) for f in files]
-    with DatasetWriter(out, capacity=len(files), length=LENGTH * rate // RATE) as writer, ordered_map(workers) as imap, \
+    length = LENGTH * rate // RATE
+    with DatasetWriter(out, capacity=len(files), length=length) as writer, ordered_map(workers) as imap, \
             tqdm(total=len(files), desc="DeepFake .asc", unit="ECG") as progress:
         kept, measured, skipped = stream_into(writer, imap(_load_asc, jobs), [f.name for f in files], strict,
                                               "DeepFake file", progress)
@@ -121,7 +124,8 @@ def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, st
             targets["label_note"] = np.where(targets[list(TARGETS)].isna().all(axis=1), "not in ground truth", "")
         labels = _labels(targets, ids, seed)
         return writer.finish(labels, _manifest(labels, seed, key, "extractor" if truth is None else "muse", skipped,
-                                               rate=rate, asc_dir=str(asc_dir.resolve()), ground_truth=str(ground_truth)))
+                                               rate=rate, asc_dir=str(asc_dir.resolve()),
+                                               ground_truth=str(ground_truth)))
 
 
 def read_asc(path: str | Path) -> np.ndarray:

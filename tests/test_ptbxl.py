@@ -136,7 +136,8 @@ def test_cache_reuse_and_invalidation(ptbxl_root, tmp_path):
     prepare_ptbxl(ptbxl_root, out, workers=1)
     assert manifest.stat().st_mtime_ns == stamp  # reused: nothing written
     prepare_ptbxl(ptbxl_root, out, seed=1, workers=1)
-    assert json.loads(manifest.read_text())["cache_key"] != key and json.loads(manifest.read_text())["splits"]["seed"] == 1
+    rebuilt = json.loads(manifest.read_text())
+    assert rebuilt["cache_key"] != key and rebuilt["splits"]["seed"] == 1
     keep_records(ptbxl_root, range(1, 11))  # a changed input CSV
     assert len(open_dataset(prepare_ptbxl(ptbxl_root, out, seed=1, workers=1)).labels) == 10
     stamp = manifest.stat().st_mtime_ns
