@@ -100,7 +100,8 @@ def read_12sl(path: Path) -> pd.DataFrame:
 def read_database(database: Path, statements: Path, min_likelihood: float) -> pd.DataFrame:
     """One row per listed record: ecg_id, patient_id, strat_fold, age, sex, filenames, multi-hot NORM..HYP, label."""
     db = pd.read_csv(database)
-    missing = [c for c in ("ecg_id", "patient_id", "scp_codes", "strat_fold", *FILENAME.values()) if c not in db]
+    missing = [c for c in ("ecg_id", "patient_id", "age", "sex", "scp_codes", "strat_fold", *FILENAME.values())
+               if c not in db]
     if missing:
         raise InputError(f"{database}: lacks columns {missing}")
     scp = pd.read_csv(statements, index_col=0)
