@@ -131,7 +131,7 @@ def load_splits(config: dict, device: torch.device) -> tuple[PreparedDataset, Sp
     return ds, train, val, scaling
 
 
-def build_model(config: dict, ds: PreparedDataset, train: Split, pretrained: dict | None) -> torch.nn.Module:
+def build_model(config: dict, ds: PreparedDataset, pretrained: dict | None) -> torch.nn.Module:
     """baseline: a fresh zoo model (its "global" normalisation fitted on the training split); single/fused: a new
     head on copies of the pretrained backbone(s), frozen to `freeze_depth`."""
     approach, n_out = config["approach"], 5 if config["task"] == "classification" else 1
@@ -142,9 +142,10 @@ def build_model(config: dict, ds: PreparedDataset, train: Split, pretrained: dic
             raise InputError(f"unknown hyperparameter(s) {sorted(unknown)} for {config['arch']}")
         model = create_model(config["arch"], config["task"], n_out, ds.signals.shape[1], ds.length, config["norm"],
                              **hparams)
-        if config["norm"] == "global":
-            pick = np.random.default_rng(0).permutation(len(train))[:NORM_FIT_ROWS]
-            model.norm.fit(ds.signals[train.rows[np.sort(pick)]])
+        if config["norm"] == "global":  # from the half's training rows, labelled or not: every target pretrained
+            rows = ds.select("train", config["half"])  # on one source gets the same scale (fused transfer needs it)
+            pick = np.random.default_rng(0).permutation(len(rows))[:NORM_FIT_ROWS]
+            model.norm.fit(ds.signals[rows[np.sort(pick)]])
         return model
     if not pretrained:
         raise InputError(f"approach {approach!r} needs pretrained models")
@@ -169,7 +170,7 @@ class Trial:
         self.config = config
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.ds, self.train, self.val, self.scaling = load_splits(config, self.device)
-        self.model = build_model(config, self.ds, self.train, pretrained).to(self.device)
+        self.model = build_model(config, self.ds, pretrained).to(self.device)
         self.task = config["task"]
         self.multi_label = self.task == "classification" and self.train.y.ndim == 2
         groups = param_groups(self.model, float(config["lr"]), float(config["pretrained_lr_mult"]),
