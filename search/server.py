@@ -68,8 +68,8 @@ def start_server(backend_store_uri: str, artifacts_destination: str | Path, host
     The server's output goes to `log_path` (default: mlflow-server.log beside a local artifacts
     destination, else in the current directory).
     """
-    if urlsplit(backend_store_uri).scheme.split("+")[0] == "postgresql":
-        _check_postgres(backend_store_uri)
+    if is_postgres(backend_store_uri):
+        connect_postgres(backend_store_uri, "--backend-store-uri").close()
     destination = str(artifacts_destination)
     is_local = "://" not in destination
     if is_local:
@@ -104,15 +104,20 @@ def start_server(backend_store_uri: str, artifacts_destination: str | Path, host
     raise InputError(f"mlflow server on {url} did not answer /health within {timeout:.0f} s; see {log_path}")
 
 
-def _check_postgres(uri: str) -> None:
-    """Fail in a second, naming the database, rather than after mlflow's minutes of silent retries."""
+def is_postgres(uri: str) -> bool:
+    return urlsplit(uri).scheme.split("+")[0] == "postgresql"
+
+
+def connect_postgres(uri: str, setting: str):
+    """An autocommit psycopg connection to `uri` (a `+driver` suffix dropped). Fails in seconds, naming `setting`
+    and the database, where mlflow would retry silently for minutes."""
     import psycopg
 
     parts = urlsplit(uri)
     try:
-        psycopg.connect(urlunsplit(parts._replace(scheme="postgresql")), connect_timeout=5).close()
+        return psycopg.connect(urlunsplit(parts._replace(scheme="postgresql")), autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as e:
-        raise InputError(f"backend store {mask_uri(uri)}: cannot connect ({str(e).strip().replace(uri, mask_uri(uri))}); "
+        raise InputError(f"{setting} {mask_uri(uri)}: cannot connect ({str(e).strip().replace(uri, mask_uri(uri))}); "
                          f"create the database first, e.g. createdb -h {parts.hostname} -U {parts.username} "
                          f"{parts.path.lstrip('/')}") from None
 

@@ -1,17 +1,19 @@
 """The cluster path for real: an MLflow server on PostgreSQL, a search on a two-node Ray cluster logging to it."""
 from __future__ import annotations
 
+import json
 import os
-import signal
+from pathlib import Path
 
-import mlflow
 import psycopg
 import pytest
 from mlflow import MlflowClient
 
 from search.cli import main
 from search.server import start_server
+from search.tuner import run_search
 from cluster_fixtures import free_port, postgres_uri, two_node_cluster  # noqa: F401 (fixtures)
+from search_fixtures import small_ptbxl  # noqa: F401 (fixture)
 
 
 def test_server_on_postgres_keeps_runs_and_proxies_artifacts(postgres_uri, tmp_path):
@@ -48,3 +50,42 @@ def test_server_cli_fails_cleanly_and_never_prints_the_password(postgres_uri, tm
     assert code == 2
     assert "postgres:***@" in err and "does not exist" in err and "createdb" in err
     assert "s3cret-pw" not in err
+
+
+TINY_SPACE = {"arch": "cnn1d", "archs": {"cnn1d": {"width": 8, "depth": 3}}, "batch_size": 32}
+
+
+def trial_nodes(storage: Path) -> dict[int, str]:
+    """trial number -> the node IP Tune recorded in each of its results (result.json of every trial dir)."""
+    nodes = {}
+    for path in storage.glob("trial_*/result.json"):
+        results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        assert len({r["node_ip"] for r in results}) == 1
+        nodes[results[0]["config"]["trial_number"]] = results[0]["node_ip"]
+    return nodes
+
+
+def test_search_on_two_nodes_logs_every_trial_to_postgres_server(two_node_cluster, postgres_uri, small_ptbxl, tmp_path):
+    server = start_server(postgres_uri, tmp_path / "artifacts", port=free_port())
+    try:
+        result = run_search(small_ptbxl, "classification", num_samples=4, max_epochs=1, max_concurrent=2,
+                            space_overrides=TINY_SPACE, address=two_node_cluster.address, tracking_uri=server.url,
+                            storage_path=tmp_path / "ray_results", top_k=4, seed=1)
+        nodes = trial_nodes(result.storage)
+        assert sorted(nodes) == [0, 1, 2, 3]
+        assert set(nodes.values()) == set(two_node_cluster.node_ips)  # trials ran on the head and on the worker
+
+        client = MlflowClient(server.url)
+        children = client.search_runs([result.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+        assert sorted(int(r.data.tags["trial_number"]) for r in children) == [0, 1, 2, 3]
+        for run in children:
+            assert run.info.status == "FINISHED"
+            assert {"val_auc", "val_loss", "train_loss", "best_val_auc"} <= set(run.data.metrics)
+            assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 1  # one epoch, one point
+            logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"model.pt", "val_predictions.npz"} <= logged
+            files = tmp_path / "artifacts" / result.experiment_id / run.info.run_id / "artifacts"
+            assert (files / "model.pt").stat().st_size > 0  # uploaded through the server into its destination
+    finally:
+        server.stop()
