@@ -5,7 +5,7 @@ per epoch.
   cosine       linear warm-up over `schedule.warmup_epochs`, then cosine decay towards 0 at `max_epochs`
   exponential  lr x `schedule.gamma` after every epoch
   onecycle     torch's OneCycleLR peaking at the lr, `schedule.pct_start` of all steps rising
-  plateau      lr x `schedule.factor` after `schedule.patience` epochs without val improvement
+  plateau      lr x `schedule.factor` once more than `schedule.patience` epochs passed without val improvement
 """
 from __future__ import annotations
 

@@ -72,6 +72,7 @@ def test_classification_reports_metrics_and_keeps_the_best_epoch(data: Path, tmp
     assert saved["y_score"].shape == (len(saved["rows"]), 5)
     assert np.array_equal(saved["y_true"], open_dataset(data).labels["label"].to_numpy()[saved["rows"]])
     model = load_checkpoint(tmp_path / "best" / "model.pt")
+    assert model.norm.fitted and not torch.equal(model.norm.scale, torch.ones(8))  # "global" fitted on train rows
     probs = torch.softmax(torch.from_numpy(val_outputs(model, data, saved["rows"])), 1).numpy()
     np.testing.assert_allclose(probs, saved["y_score"], atol=1e-5)
 
