@@ -526,9 +526,8 @@ def _evaluate(client: Any, cfg: dict, found: list[Search], runs: dict, data: Pat
 
 def load_registered(model_uri: str, tracking_uri: str) -> Any:
     """The ecgmodels model of a registered model (`models:/NAME/VERSION` or `models:/NAME@alias`)."""
-    import mlflow
-
     from ecgmodels import load_checkpoint
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri))
-    return load_checkpoint(sorted(local.rglob("model.pt"))[0])
+    from search.tuner import checkpoint_path
+
+    return load_checkpoint(checkpoint_path(model_uri, tracking_uri))

@@ -21,6 +21,8 @@ from data_prep.constants import TARGETS
 from data_prep.dataset import open_dataset
 from data_prep.errors import InputError
 from search import tracking
+from search.optuna_storage import open_optuna_storage
+from search.server import mask_uri
 from search.space import APPROACHES, SearchSpace, load_space_config
 from search.trainable import search_metric
 
@@ -82,11 +84,30 @@ class PruningASHA(ASHAScheduler):
         return decision
 
 
+def checkpoint_path(uri: str, tracking_uri: str | None = None) -> Path:
+    """The local model.pt of a checkpoint path (model.pt or a directory holding one) or of a registry URI
+    (`models:/NAME@alias`, `models:/NAME/VERSION`, downloaded); an InputError names what is missing."""
+    import mlflow
+
+    if uri.startswith("models:/"):
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+        except Exception as e:  # MlflowException or a store error: either way the model is not there
+            raise InputError(f"{uri}: not in the registry ({str(e).splitlines()[0]})") from None
+        found = sorted(local.rglob("model.pt"))
+        if not found:
+            raise InputError(f"{uri}: the registered model holds no model.pt")
+        return found[0]
+    path = Path(uri) / "model.pt" if Path(uri).is_dir() else Path(uri)
+    if not path.is_file():
+        raise InputError(f"{uri}: no checkpoint at {path}")
+    return path
+
+
 def load_pretrained(specs: dict[str, str], data_length: int, n_leads: int,
                     tracking_uri: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """target -> loaded model from a checkpoint path (model.pt or a directory holding one) or a registry URI
-    (`models:/NAME@alias`, `models:/NAME/VERSION`), checked against the dataset; and target -> lineage text."""
-    import mlflow
+    """target -> loaded model from a checkpoint path or registry URI (`checkpoint_path`), checked against the
+    dataset; and target -> lineage text."""
     from ecgmodels import load_checkpoint
     from ecgmodels.checkpoint import read_checkpoint
 
@@ -94,19 +115,10 @@ def load_pretrained(specs: dict[str, str], data_length: int, n_leads: int,
     for target, uri in specs.items():
         if target not in TARGETS:
             raise InputError(f"--pretrained {target}={uri}: unknown target {target!r}; choose from {', '.join(TARGETS)}")
-        if uri.startswith("models:/"):
-            try:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
-            except Exception as e:  # MlflowException or a store error: either way the model is not there
-                raise InputError(f"--pretrained {target}={uri}: not in the registry ({str(e).splitlines()[0]})") from None
-            found = sorted(local.rglob("model.pt"))
-            if not found:
-                raise InputError(f"--pretrained {target}={uri}: the registered model holds no model.pt")
-            path = found[0]
-        else:
-            path = Path(uri) / "model.pt" if Path(uri).is_dir() else Path(uri)
-            if not path.is_file():
-                raise InputError(f"--pretrained {target}={uri}: no checkpoint at {path}")
+        try:
+            path = checkpoint_path(uri, tracking_uri)
+        except InputError as e:
+            raise InputError(f"--pretrained {target}={e}") from None
         extra = read_checkpoint(path)["extra"]
         model = load_checkpoint(path)
         cfg = model.config
@@ -161,12 +173,14 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
                seed: int = 0, sampler: str = "tpe", asha: bool = True, reduction_factor: int = 2,
                max_failures: int = 0, top_k: int = 3, fault: dict | None = None,
                experiment: str = tracking.DEFAULT_EXPERIMENT, single_label: bool = True,
-               parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> SearchResult:
+               parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+               optuna_storage: str | None = None) -> SearchResult:
     """Run one search and return its result; every input is checked before Ray starts.
 
     `sampler` "tpe" (Optuna TPE, seeded) or "random"; `asha=False` runs every trial to its end (FIFO). `top_k` trials
     get their checkpoint and plots logged. `fault` is the trial contract's fault injection (tests). `parent_run_id`
-    nests the search's run under another (a study's); `tags` go on the search's run.
+    nests the search's run under another (a study's); `tags` go on the search's run. `optuna_storage` (a database
+    URI, e.g. the MLflow PostgreSQL database) keeps the Optuna study, named after the search, there.
     """
     import ray
     from optuna.samplers import RandomSampler, TPESampler
@@ -189,6 +203,7 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
         raise InputError(f"sampler {sampler!r}: choose tpe or random")
     if num_samples < 1 or max_epochs < 1:
         raise InputError(f"--num-samples and --max-epochs must be at least 1, got {num_samples} and {max_epochs}")
+    study_storage = open_optuna_storage(optuna_storage) if optuna_storage else None
 
     name = name or f"{approach}-{target or task}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(storage_path or Path.cwd() / "ray_results").resolve()
@@ -202,7 +217,8 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
         **constants, "approach": approach, "num_samples": num_samples, "max_concurrent": max_concurrent,
         "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "time_budget_s": time_budget_s,
         "sampler": sampler, "asha": asha, "reduction_factor": reduction_factor, "max_failures": max_failures,
-        "storage": str(storage / name), "dataset_rate": ds.rate, **space.describe()})
+        "storage": str(storage / name), "dataset_rate": ds.rate, **space.describe(),
+        **({"optuna_storage": mask_uri(optuna_storage)} if optuna_storage else {})})
     client.log_dict(parent, spec, "search_space.yaml")
     print(f"search {name}: MLflow run {parent} in {uri}", flush=True)
 
@@ -216,7 +232,8 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
     status = "FAILED"
     try:
         ot_sampler = TPESampler(seed=seed) if sampler == "tpe" else RandomSampler(seed=seed)
-        searcher = OptunaSearch(space=space, metric=metric, mode=mode, sampler=ot_sampler)
+        searcher = OptunaSearch(space=space, metric=metric, mode=mode, sampler=ot_sampler, study_name=name,
+                                storage=study_storage)
         scheduler = (PruningASHA(metric=metric, mode=mode, time_attr="training_iteration", max_t=max_epochs,
                                  grace_period=1, reduction_factor=reduction_factor) if asha else FIFOScheduler())
         runs = tracking.TrialRuns(client, experiment_id, parent, metric, num_samples,
