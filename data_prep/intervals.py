@@ -26,6 +26,7 @@ AGREE_MS = {"pr": 40.0, "qt": 60.0}  # a lead agrees when within this of the med
 TEMPLATE_RATE = 500  # the median beat is built at this rate (2 ms steps)
 QRS_WINDOW_MS = (200, 250)  # median beat: ms before and after the R peak
 QRS_THRESHOLD = 0.08  # QRS boundary: spatial velocity falls below this fraction of its peak above baseline
+P_BASE_MS = 120  # window in which neurokit looks for the P wave's bases: its 100 ms default cuts off long P waves
 
 
 def measure(ecg: np.ndarray, rate: int) -> dict[str, float | str]:
@@ -55,8 +56,8 @@ def measure(ecg: np.ndarray, rate: int) -> dict[str, float | str]:
         inner = rpeaks[1:-1]  # edge beats are cut off, and neurokit drops fiducials at index 0, misaligning beats
         for lead in DELINEATE_LEADS:
             try:
-                waves = nk.ecg_delineate(clean[LEADS.index(lead)], inner, sampling_rate=rate,
-                                         method="prominence")[1]
+                waves = nk.ecg_delineate(clean[LEADS.index(lead)], inner, sampling_rate=rate, method="prominence",
+                                         max_p_basepoint_interval=P_BASE_MS)[1]
             except Exception:
                 continue
             for t, v in _lead_medians(waves, inner, rate, qrs_on, float(np.median(rr))).items():
