@@ -5,7 +5,9 @@ A value that cannot be measured reliably is NaN and `label_note` says why.
 
 neurokit2's `dwt` delineator is not used: it puts the QRS onset on the P wave in about a third of beats
 (shared/ENVIRONMENT.md), and `prominence` is ten times faster. The `prominence` R onset/offset are the Q and S
-troughs, not the QRS boundaries, hence the median-beat QRS.
+troughs, not the QRS boundaries, hence the median-beat QRS. QRS_THRESHOLD and P_BASE_MS were chosen by comparing
+the embedded sample and generated DeepFake ECGs with the published distributions (bench/intervals.py), so that
+comparison calibrates them as much as it validates them.
 """
 from __future__ import annotations
 
