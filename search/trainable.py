@@ -114,8 +114,8 @@ def load_splits(config: dict, device: torch.device) -> tuple[PreparedDataset, Sp
     rows = {s: ds.select(s, config["half"], single, target) for s in ("train", "val")}
     for s, r in rows.items():
         if len(r) < 2:
-            raise InputError(f"{ds.path}: {len(r)} {s} rows of half {config['half']} for {task} {target or ''}; "
-                             "need at least 2")
+            where = f" in half {config['half']}" if config["half"] else ""
+            raise InputError(f"{ds.path}: {len(r)} {s} rows{where} for {target or task}; need at least 2")
     scaling = {}
     if task == "regression":
         values = {s: ds.labels[target].to_numpy(np.float64)[r] for s, r in rows.items()}

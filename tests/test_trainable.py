@@ -14,6 +14,7 @@ import torch
 from data_prep.constants import CLASSES
 from data_prep.dataset import open_dataset
 from data_prep.errors import InputError
+from data_prep.deepfake import prepare_deepfake
 from data_prep.ptbxl import prepare_ptbxl
 from ecgmodels import create_model, load_checkpoint
 from ecgmodels.checkpoint import read_checkpoint
@@ -152,10 +153,18 @@ def test_fault_injection_fails_the_trial_with_its_reason(data: Path, tmp_path: P
     assert [f["epoch"] for f, _ in reports] == [1, 2]  # trial 1 is not in the fault's trials
 
 
+def test_a_dataset_without_the_task_labels_is_an_input_error(asc_dir: Path, tmp_path: Path) -> None:
+    fake = prepare_deepfake(tmp_path / "fake", asc_dir=asc_dir, workers=1, rate=100)  # 4 ECGs, intervals only
+    with pytest.raises(InputError, match="has no class labels"):
+        run_trial(config(fake))
+    with pytest.raises(InputError, match="0 val rows for hr"):
+        run_trial(config(fake, task="regression", target="hr"))
+
+
 def test_bad_task_settings_are_input_errors(data: Path) -> None:
     with pytest.raises(InputError, match="no 'st' values"):
         run_trial(config(data, task="regression", target="st"))
-    with pytest.raises(InputError, match="0 train rows of half C"):
+    with pytest.raises(InputError, match="0 train rows in half C for classification"):
         run_trial(config(data, half="C"))
     with pytest.raises(InputError, match="needs pretrained models"):
         run_trial(config(data, approach="single"))
