@@ -197,6 +197,8 @@ class Trial:
         return out, F.cross_entropy(out, y)
 
     def train_epoch(self, poison: bool) -> tuple[float, np.ndarray, np.ndarray]:
+        """One pass over the shuffled training rows; the loss and scores of its batches as trained (augmented, in
+        train mode); `poison` makes the loss NaN (fault injection)."""
         self.model.train()
         total, outs, ys = torch.zeros((), device=self.device), [], []
         for x, y in self.train.batches(int(self.config["batch_size"]), self.rng):
@@ -276,13 +278,13 @@ def run_trial(config: dict, pretrained: dict[str, ECGModel] | None = None, repor
     """
     config = {**DEFAULTS, **config}
     report = report or print_report
+    fault = config["fault"] or {}
+    if fault and fault.get("kind") not in ("raise", "nan"):
+        raise InputError(f"fault {fault}: kind must be 'raise' or 'nan'")
     seed_everything(int(config["seed"]) + int(config["trial_number"]))
     torch.set_num_threads(int(config["threads"]))
     trial = Trial(config, pretrained)
     best_dir = Path(workdir or tempfile.mkdtemp(prefix="ecgsearch-trial-")) / "best"
-    fault = config["fault"] or {}
-    if fault and fault.get("kind") not in ("raise", "nan"):
-        raise InputError(f"fault {fault}: kind must be 'raise' or 'nan'")
     faulty = int(config["trial_number"]) in fault.get("trials", ())
     name, sign = trial.metric, (1 if trial.mode == "max" else -1)
     best, since_best = {}, 0
@@ -315,7 +317,9 @@ def run_trial(config: dict, pretrained: dict[str, ECGModel] | None = None, repor
 
 def train_trial(config: dict, pretrained: dict[str, ECGModel] | None = None) -> None:
     """The Ray Tune function trainable: run_trial reporting through `ray.tune.report`, with the best checkpoint
-    attached on the epochs that improve it (Tune copies it into the trial's storage before this returns)."""
+    attached on the epochs that improve it (Tune copies it into the trial's storage before `report` returns).
+    The working copy is a temporary directory, removed when the trial ends; a trial whose actor Tune kills while it
+    waits in `report` (a pruned one, racing the kill) can leave it behind in the temp dir."""
     from ray import tune
 
     def report(found: dict, checkpoint_dir: Path | None) -> None:
