@@ -358,6 +358,7 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
     experiment_id = tracking.experiment_id(client, uri, cfg["experiment"])
     found = searches(cfg)
     datasets = prepare_data(cfg)
+    print(f"study: data ready in {time.time() - start:.0f} s: {', '.join(map(str, datasets.values()))}", flush=True)
     study_run = _study_run(client, experiment_id, cfg, config)
     work = Path(cfg["workdir"])
     ran, reused, runs = [], [], {}
@@ -367,19 +368,23 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
                                                                          include_dashboard=False)
     status = "FAILED"
     try:
-        for s in found:
+        for i, s in enumerate(found, 1):
+            began = time.time()
             run = finished_search(client, experiment_id, s.key)
             if run is None:
                 run = _run_search(s, cfg, datasets, uri, study_run, runs, work)
                 ran.append(s.name)
             else:
                 reused.append(s.name)
-                print(f"study: {s.name} reused (search run {run.info.run_id}, key {s.key})", flush=True)
             runs[s.name] = run
             if s.register_as:
                 _register(client, s, run, uri)
+            print(f"study: [{i}/{len(found)}] {s.name} {'ran' if s.name in ran else 'reused'} in "
+                  f"{time.time() - began:.0f} s (search run {run.info.run_id}, key {s.key})", flush=True)
         tables = _architecture_tables(client, experiment_id, found, runs, work / "tables")
+        began = time.time()
         tables.update(_evaluate(client, cfg, found, runs, datasets["ptbxl"], study_run, uri, work))
+        print(f"study: evaluation in {time.time() - began:.0f} s", flush=True)
         for p in tables.values():
             client.log_artifact(study_run, str(p), "tables")
         status = "FINISHED"
