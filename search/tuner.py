@@ -18,13 +18,13 @@ import pandas as pd
 from ray.tune.schedulers import ASHAScheduler
 
 from data_prep.constants import TARGETS
-from data_prep.dataset import open_dataset
+from data_prep.dataset import PreparedDataset, open_dataset
 from data_prep.errors import InputError
 from search import tracking
 from search.optuna_storage import open_optuna_storage
 from search.server import mask_uri
 from search.space import APPROACHES, SearchSpace, load_space_config
-from search.trainable import search_metric
+from search.trainable import search_metric, train_trial
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def load_pretrained(specs: dict[str, str], data_length: int, n_leads: int,
 
 
 def check_inputs(data: str | Path, task: str, target: str | None, approach: str, half: str | None,
-                 pretrained: dict[str, str]) -> Any:
+                 pretrained: dict[str, str]) -> PreparedDataset:
     """The prepared dataset, checked to have labels for the task (and rows of the half); the approach checked
     against the pretrained models given."""
     ds = open_dataset(data)
@@ -238,8 +238,6 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
                                  grace_period=1, reduction_factor=reduction_factor) if asha else FIFOScheduler())
         runs = tracking.TrialRuns(client, experiment_id, parent, metric, num_samples,
                                   getattr(scheduler, "pruned", set()))
-        from search.trainable import train_trial
-
         trainable = tune.with_resources(tune.with_parameters(train_trial, pretrained=models or None),
                                         {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         tuner = tune.Tuner(
