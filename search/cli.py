@@ -91,7 +91,8 @@ def _search(args: argparse.Namespace) -> int:
                         config=args.config, max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
                         gpus_per_trial=args.gpus_per_trial, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
                         address=args.address, tracking_uri=args.tracking_uri, name=args.name,
-                        storage_path=args.storage_path, seed=args.seed, max_failures=args.max_failures)
+                        storage_path=args.storage_path, seed=args.seed, max_failures=args.max_failures,
+                        optuna_storage=args.optuna_storage)
     print(result.summary())
     return 0
 
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--name", default=None, help="search name (MLflow parent run, Ray experiment)")
     search.add_argument("--storage-path", type=Path, default=None, help="Ray results (default ./ray_results)")
     search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--optuna-storage", default=None,
+                        help="database for the Optuna study, e.g. the MLflow postgresql://... URI (not sqlite)")
     search.set_defaults(func=_search)
 
     promote = sub.add_parser("promote", help="register a search's best model; move alias champion if it is better")

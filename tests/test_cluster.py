@@ -5,11 +5,13 @@ import json
 import os
 from pathlib import Path
 
+import optuna
 import psycopg
 import pytest
 from mlflow import MlflowClient
 
 from search.cli import main
+from search.optuna_storage import open_optuna_storage
 from search.server import start_server
 from search.tuner import run_search
 from cluster_fixtures import free_port, postgres_uri, two_node_cluster  # noqa: F401 (fixtures)
@@ -52,7 +54,9 @@ def test_server_cli_fails_cleanly_and_never_prints_the_password(postgres_uri, tm
     assert "s3cret-pw" not in err
 
 
-TINY_SPACE = {"arch": "cnn1d", "archs": {"cnn1d": {"width": 8, "depth": 3}}, "batch_size": 32}
+# Trials of about 1 s per epoch: a warm actor on the head finishes a trial in well under a second, so shorter trials
+# could all run there, one after another, while the worker node is still starting its actor.
+SPACE = {"arch": "cnn1d", "archs": {"cnn1d": {"width": 64, "depth": 6, "kernel": 9}}, "batch_size": 32, "patience": 9}
 
 
 def trial_nodes(storage: Path) -> dict[int, str]:
@@ -65,15 +69,15 @@ def trial_nodes(storage: Path) -> dict[int, str]:
     return nodes
 
 
-def test_search_on_two_nodes_logs_every_trial_to_postgres_server(two_node_cluster, postgres_uri, small_ptbxl, tmp_path):
+def test_search_on_two_nodes_logs_every_trial_and_the_study_to_postgres(two_node_cluster, postgres_uri, small_ptbxl, tmp_path):
     server = start_server(postgres_uri, tmp_path / "artifacts", port=free_port())
     try:
-        result = run_search(small_ptbxl, "classification", num_samples=4, max_epochs=1, max_concurrent=2,
-                            space_overrides=TINY_SPACE, address=two_node_cluster.address, tracking_uri=server.url,
-                            storage_path=tmp_path / "ray_results", top_k=4, seed=1)
+        result = run_search(small_ptbxl, "classification", num_samples=4, max_epochs=4, max_concurrent=2,
+                            asha=False, space_overrides=SPACE, address=two_node_cluster.address, tracking_uri=server.url,
+                            storage_path=tmp_path / "ray_results", top_k=4, seed=1, optuna_storage=postgres_uri)
         nodes = trial_nodes(result.storage)
         assert sorted(nodes) == [0, 1, 2, 3]
-        assert set(nodes.values()) == set(two_node_cluster.node_ips)  # trials ran on the head and on the worker
+        assert set(nodes.values()) == set(two_node_cluster.node_ips), nodes  # on the head and on the worker
 
         client = MlflowClient(server.url)
         children = client.search_runs([result.experiment_id],
@@ -82,10 +86,16 @@ def test_search_on_two_nodes_logs_every_trial_to_postgres_server(two_node_cluste
         for run in children:
             assert run.info.status == "FINISHED"
             assert {"val_auc", "val_loss", "train_loss", "best_val_auc"} <= set(run.data.metrics)
-            assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 1  # one epoch, one point
+            assert len({m.step for m in client.get_metric_history(run.info.run_id, "val_auc")}) == 4  # every epoch
             logged = {a.path for a in client.list_artifacts(run.info.run_id)}
             assert {"model.pt", "val_predictions.npz"} <= logged
             files = tmp_path / "artifacts" / result.experiment_id / run.info.run_id / "artifacts"
             assert (files / "model.pt").stat().st_size > 0  # uploaded through the server into its destination
+
+        # The Optuna study that chose the configs lives in the same database, beside MLflow's tables, and holds each
+        # trial's last val_auc
+        study = optuna.load_study(study_name=result.name, storage=open_optuna_storage(postgres_uri))
+        last = {int(r.data.tags["trial_number"]): r.data.metrics["val_auc"] for r in children}
+        assert {t.number: t.value for t in study.trials} == pytest.approx(last)
     finally:
         server.stop()
