@@ -110,6 +110,19 @@ def _ui(args: argparse.Namespace) -> int:
     return serve_ui(args.tracking_uri, args.port)
 
 
+def _study(args: argparse.Namespace) -> int:
+    from search.study import plan, run_study
+
+    if args.plan:
+        print(plan(args.config, args.tracking_uri))
+        return 0
+    result = run_study(args.config, args.tracking_uri)
+    for name in ("architectures.md", "tables.md"):
+        if name in result.tables:
+            print(result.tables[name].read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecgsearch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -192,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-epochs", type=int, default=10)
     demo.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
     demo.set_defaults(func=_demo)
+    study = sub.add_parser("study", help="run the whole transfer-learning study of a config (resumable)")
+    study.add_argument("--config", required=True, type=Path,
+                       help="study YAML, e.g. configs/study-small.yaml (2 CPU cores) or configs/study.yaml (cluster)")
+    study.add_argument("--plan", action="store_true",
+                       help="print the stages, searches, trial counts and what is already done; run nothing")
+    study.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db here)")
+    study.set_defaults(func=_study)
     return p
 
 
