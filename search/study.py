@@ -364,8 +364,10 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
     ran, reused, runs = [], [], {}
     started = not ray.is_initialized()
     if started:
-        ray.init(address=cfg["address"]) if cfg["address"] else ray.init(num_cpus=os.cpu_count(),
-                                                                         include_dashboard=False)
+        if cfg["address"]:
+            ray.init(address=cfg["address"])
+        else:  # "local": a new instance even where /tmp/ray/ray_current_cluster names someone's running cluster
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     status = "FAILED"
     try:
         for i, s in enumerate(found, 1):

@@ -228,7 +228,7 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     status = "FAILED"
     try:
         ot_sampler = TPESampler(seed=seed) if sampler == "tpe" else RandomSampler(seed=seed)

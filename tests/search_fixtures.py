@@ -32,7 +32,7 @@ def local_ray():
     """A real local Ray with 2 CPUs for the module's searches (run_search uses it and leaves it running)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -174,7 +174,7 @@ def test_train_trial_reports_and_checkpoints_under_ray_tune(data: Path, tmp_path
     ray = pytest.importorskip("ray")
     from ray import tune
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tuner = tune.Tuner(
             tune.with_parameters(train_trial, pretrained=None),
