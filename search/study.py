@@ -315,10 +315,16 @@ def prepare_data(cfg: dict) -> dict[str, Path]:
     return out
 
 
+def _checked(config: str | Path, tracking_uri: str | None) -> tuple[tuple[Any, str] | None, dict]:
+    """The existing tracking store (None if a sqlite one is not there yet) and the checked config, whose
+    pretrained models may already be registered in that store."""
+    store = _store(tracking_uri, create=False)
+    return store, load_config(config, _registered(store[0]) if store else None)
+
+
 def plan(config: str | Path, tracking_uri: str | None = None) -> str:
     """The stages, searches, trial counts and what is already done, as text; runs and writes nothing."""
-    store = _store(tracking_uri, create=False)
-    cfg = load_config(config, _registered(store[0]) if store else None)
+    store, cfg = _checked(config, tracking_uri)
     experiment = store[0].get_experiment_by_name(cfg["experiment"]) if store else None
     done = lambda key: bool(experiment) and finished_search(store[0], experiment.experiment_id, key) is not None
     found = searches(cfg)
@@ -353,8 +359,8 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
     from search import tracking
 
     start = time.time()
+    cfg = _checked(config, tracking_uri)[1]  # before anything is created
     client, uri = _store(tracking_uri, create=True)
-    cfg = load_config(config, _registered(client))
     experiment_id = tracking.experiment_id(client, uri, cfg["experiment"])
     found = searches(cfg)
     datasets = prepare_data(cfg)
