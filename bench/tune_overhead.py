@@ -54,7 +54,7 @@ def main() -> None:
     data = prepare_ptbxl(REPO / "sample_data" / "ptbxl", REPO / "prepared" / "ptbxl-100", rate=100)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         print(f"ray.init: {time.perf_counter() - start:.1f} s")
         before = plain(data, args.trials, args.epochs, 1)
         one = tuned(data, args.trials, args.epochs, 1, 1, Path(tmp))
