@@ -9,15 +9,20 @@ The contract with the tuner: a flat JSON-able config (DEFAULTS lists the keys; `
 `lr`, then `train_acc`, `train_auc`, `val_acc`, `val_auc`, `val_f1_<class>`, `best_val_auc` (classification) or
 `train_mae`, `val_mae`, `best_val_mae` in the target's units (regression); on improving epochs a checkpoint directory
 with `model.pt` (ecgmodels checkpoint, trial facts in its extra) and `val_predictions.npz` (`y_true`, `y_score`,
-`rows`). `fault` = {"trials": [...], "epoch": e, "kind": "raise"|"nan"} fails those trial numbers at epoch e.
+`rows`), plus `trainer.pt` (optimiser, schedule, epoch, best so far, RNG states) from which a retried or resumed
+trial continues (`resume_from`; under Tune, `ray.tune.get_checkpoint()`). `fault` = {"trials": [...], "epoch": e,
+"kind": "raise"|"nan"|"exit"} fails those trial numbers at epoch e; "exit" ends the process (a crashed worker) only in
+an attempt that did not start from a checkpoint, so with e > 1 a retry gets past it and with e = 1 every retry dies.
 
 The signals stay a memory map (shared by every trial on the machine through the page cache); batches are gathered
 from it by sorted row index, or on a GPU the split is moved there once when it fits and trained under autocast.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -33,6 +38,7 @@ from data_prep.dataset import PreparedDataset, open_dataset
 from data_prep.errors import InputError
 from ecgmodels import ECGModel, create_model, default_hparams, freeze, fused_transfer, param_groups, save_checkpoint
 from ecgmodels import single_transfer
+from ecgmodels.checkpoint import read_checkpoint
 from search import metrics
 from search.augment import Augmenter
 from search.schedules import Schedule
@@ -258,9 +264,30 @@ class Trial:
         # numpy scalars (a searcher's samples) become Python values, so the checkpoint loads with weights_only
         extra = json.loads(json.dumps(extra, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
         save_checkpoint(self.model, tmp / "model.pt", extra=extra)
+        torch.save({"epoch": found["epoch"], "best": _plain(found), "optimizer": self.opt.state_dict(),
+                    "schedule": self.schedule.torch.state_dict(), "rng": self.rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "aug_rng": self.augment.gen.get_state()}, tmp / "trainer.pt")
         np.savez(tmp / "val_predictions.npz", y_true=y, y_score=score, rows=self.val.rows)
         shutil.rmtree(directory, ignore_errors=True)
         tmp.rename(directory)
+
+
+    def restore(self, directory: Path) -> tuple[int, dict]:
+        """Load a checkpoint directory's model and trainer state (weights_only); return its epoch and best metrics."""
+        self.model.load_state_dict(read_checkpoint(directory / "model.pt")["state_dict"])
+        state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.schedule.torch.load_state_dict(state["schedule"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.augment.gen.set_state(state["aug_rng"])
+        self.schedule.after_epoch(state["best"][self.metric])  # saved before its epoch's step, as in run_trial
+        return int(state["epoch"]), state["best"]
+
+
+def _plain(found: dict) -> dict:
+    """Metrics as plain Python floats and ints (numpy scalars do not load with weights_only)."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in found.items()}
 
 
 def print_report(found: dict, checkpoint_dir: Path | None) -> None:
@@ -270,28 +297,33 @@ def print_report(found: dict, checkpoint_dir: Path | None) -> None:
 
 
 def run_trial(config: dict, pretrained: dict[str, ECGModel] | None = None, report: Report | None = None,
-              workdir: str | Path | None = None) -> dict:
+              workdir: str | Path | None = None, resume_from: Path | None = None) -> dict:
     """Train one config, calling `report(metrics, checkpoint_dir)` after every epoch (checkpoint_dir only when the
     val metric improved; it is `workdir/best`, default a new temporary directory); return the best epoch's metrics.
+`resume_from`: a checkpoint directory this trial wrote; training continues after its epoch.
 
     Raises RuntimeError when the loss turns NaN/inf (naming the epoch and lr) or when a fault is injected.
     """
     config = {**DEFAULTS, **config}
     report = report or print_report
     fault = config["fault"] or {}
-    if fault and fault.get("kind") not in ("raise", "nan"):
-        raise InputError(f"fault {fault}: kind must be 'raise' or 'nan'")
+    if fault and fault.get("kind") not in ("raise", "nan", "exit"):
+        raise InputError(f"fault {fault}: kind must be 'raise', 'nan' or 'exit'")
     seed_everything(int(config["seed"]) + int(config["trial_number"]))
     torch.set_num_threads(int(config["threads"]))
     trial = Trial(config, pretrained)
     best_dir = Path(workdir or tempfile.mkdtemp(prefix="ecgsearch-trial-")) / "best"
     faulty = int(config["trial_number"]) in fault.get("trials", ())
     name, sign = trial.metric, (1 if trial.mode == "max" else -1)
-    best, since_best = {}, 0
-    for epoch in range(1, int(config["max_epochs"]) + 1):
+    start, best, since_best = 0, {}, 0
+    if resume_from is not None:
+        start, best = trial.restore(Path(resume_from))
+    for epoch in range(start + 1, int(config["max_epochs"]) + 1):
         hit = faulty and epoch == int(fault["epoch"])
         if hit and fault["kind"] == "raise":
             raise RuntimeError(f"injected fault: trial {config['trial_number']} raised at epoch {epoch}")
+        if hit and fault["kind"] == "exit" and resume_from is None:
+            os._exit(1)
         lr = max(g["lr"] for g in trial.opt.param_groups)
         train_loss, y, score = trial.train_epoch(poison=hit and fault["kind"] == "nan")
         if not math.isfinite(train_loss):
@@ -318,6 +350,7 @@ def run_trial(config: dict, pretrained: dict[str, ECGModel] | None = None, repor
 def train_trial(config: dict, pretrained: dict[str, ECGModel] | None = None) -> None:
     """The Ray Tune function trainable: run_trial reporting through `ray.tune.report`, with the best checkpoint
     attached on the epochs that improve it (Tune copies it into the trial's storage before `report` returns).
+    A trial Tune retries (max_failures) or restores (a resumed search) continues from its checkpoint.
     The working copy is a temporary directory, removed when the trial ends; a trial whose actor Tune kills while it
     waits in `report` (a pruned one, racing the kill) can leave it behind in the temp dir."""
     from ray import tune
@@ -326,5 +359,7 @@ def train_trial(config: dict, pretrained: dict[str, ECGModel] | None = None) -> 
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(found, checkpoint=checkpoint)
 
-    with tempfile.TemporaryDirectory(prefix="ecgsearch-trial-") as workdir:
-        run_trial(config, pretrained, report, workdir)
+    checkpoint = tune.get_checkpoint()
+    with (tempfile.TemporaryDirectory(prefix="ecgsearch-trial-") as workdir,
+          checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as start):
+        run_trial(config, pretrained, report, workdir, resume_from=Path(start) if start else None)
