@@ -63,7 +63,7 @@ def _server(args: argparse.Namespace) -> int:
     server = start_server(args.backend_store_uri, args.artifacts_destination, host=args.host, port=args.port,
                           workers=args.workers)
     print(f"MLflow tracking server on {server.url} (backend {mask_uri(args.backend_store_uri)}, "
-          f"artifacts {args.artifacts_destination}); runs table: {server.runs_link('<id>')}; log {server.log_path}",
+          f"artifacts {args.artifacts_destination}, log {server.log_path}); searches print their runs-table link",
           flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of this process stops the server too
     try:
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--storage-path", type=Path, default=None, help="Ray results (default ./ray_results)")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--optuna-storage", default=None,
-                        help="database for the Optuna study, e.g. the MLflow postgresql://... URI (not sqlite)")
+                        help="database for the Optuna study, e.g. the MLflow postgresql://... URI")
     search.set_defaults(func=_search)
 
     promote = sub.add_parser("promote", help="register a search's best model; move alias champion if it is better")

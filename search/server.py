@@ -36,10 +36,6 @@ class ServerHandle:
     process: subprocess.Popen
     log_path: Path
 
-    def runs_link(self, experiment_id: str) -> str:
-        """The runs table with trials nested under their search (the UI otherwise opens the GenAI view)."""
-        return f"{self.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is None:
             _signal_group(self.process.pid, signal.SIGTERM)

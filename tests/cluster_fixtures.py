@@ -64,8 +64,6 @@ def postgres_uri() -> str:
 class TwoNodeCluster:
     address: str                    # GCS address to pass to ray.init / run_search
     node_ips: dict[str, str]        # node IP (what Tune reports as `node_ip`) -> node id
-    head_ip: str
-    worker_ip: str
 
 
 def _start_node(args: list[str], log: Path) -> subprocess.Popen:
@@ -137,9 +135,7 @@ def two_node_cluster(tmp_path: Path) -> TwoNodeCluster:
         ray.shutdown()
         node_ips = {n["NodeManagerAddress"]: n["NodeID"] for n in alive}
         assert len(node_ips) == 2, f"both nodes report one IP {node_ips}: trials could not be told apart"
-        head_ip = next(n["NodeManagerAddress"] for n in alive if n["Resources"].get("node:__internal_head__"))
-        worker_ip = next(ip for ip in node_ips if ip != head_ip)
-        yield TwoNodeCluster(address, node_ips, head_ip, worker_ip)
+        yield TwoNodeCluster(address, node_ips)
     finally:
         ray.shutdown()
         for p in reversed(nodes):

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -42,6 +46,21 @@ def test_server_on_postgres_keeps_runs_and_proxies_artifacts(postgres_uri, tmp_p
         server.stop()
     with pytest.raises(ProcessLookupError):
         os.killpg(server.process.pid, 0)  # the server's whole process group is gone
+
+
+def test_server_cli_serves_until_terminated(postgres_uri, tmp_path):
+    port = free_port()
+    cli = subprocess.Popen([sys.executable, "-m", "search.cli", "server", "--backend-store-uri", postgres_uri,
+                            "--artifacts-destination", str(tmp_path / "artifacts"), "--port", str(port)],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert f"MLflow tracking server on http://127.0.0.1:{port}" in cli.stdout.readline()
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200
+    finally:
+        cli.terminate()  # what `kill` of a backgrounded `ecgsearch server` does
+        assert cli.wait(30) == 143
+    with pytest.raises(urllib.error.URLError):  # the MLflow server went with it
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
 
 
 def test_server_cli_fails_cleanly_and_never_prints_the_password(postgres_uri, tmp_path, capsys):
