@@ -42,7 +42,7 @@ class ECGPyfunc(mlflow.pyfunc.PythonModel):
 
 def predict(model: torch.nn.Module, extra: dict, x: Any) -> np.ndarray:
     """A checkpointed model's outputs in the registry's terms (probabilities, or values in the target's unit)."""
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    x = torch.from_numpy(np.array(x, dtype=np.float32))  # a copy: MLflow may pass a read-only array
     with torch.inference_mode():
         out = model(x).float()
     if extra["task"] == "regression":

@@ -24,6 +24,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from data_prep.constants import CLASSES, TARGET_UNITS
 from data_prep.errors import InputError
+from search.server import mask_uri, start_server  # mask_uri: a postgresql:// URI may hold a password
 
 DEFAULT_EXPERIMENT = "ecgsearch"
 _NOT_METRICS = set(AUTO_RESULT_KEYS) - {"time_this_iter_s"}
@@ -34,22 +35,28 @@ def default_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def open_store(uri: str | None) -> tuple[MlflowClient, str]:
     """A client on the tracking store, checked to answer; a sqlite store gets its schema here, once, before any
     trial starts (two processes creating it at once crash). A store that does not answer is an InputError."""
     uri = uri or default_uri()
+    db = sqlite_file(uri)
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except OSError as e:
             raise InputError(f"--tracking-uri {uri} does not answer ({e}); start the server or fix the URI") from None
-    elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
-        raise InputError(f"--tracking-uri {uri}: directory {Path(uri[len('sqlite:///'):]).parent} does not exist")
+    elif db is not None and not db.parent.is_dir():
+        raise InputError(f"--tracking-uri {uri}: directory {db.parent} does not exist")
     client = MlflowClient(uri, registry_uri=uri)
     try:
         client.search_experiments(max_results=1)
     except Exception as e:  # any driver error means the same to the user: this store cannot be used
-        raise InputError(f"--tracking-uri {uri} does not answer ({str(e).splitlines()[0]})") from None
+        raise InputError(f"--tracking-uri {mask_uri(uri)} does not answer ({str(e).splitlines()[0]})") from None
     return client, uri
 
 
@@ -58,9 +65,8 @@ def experiment_id(client: MlflowClient, uri: str, name: str = DEFAULT_EXPERIMENT
     found = client.get_experiment_by_name(name)
     if found:
         return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+    db = sqlite_file(uri)
+    location = (db.parent / "mlartifacts" / name).as_uri() if db else None
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -72,17 +78,16 @@ def ui_url(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000)
 
 def serve_ui(uri: str | None, port: int = 5000) -> int:
     """The MLflow UI over a local store on 127.0.0.1 until Ctrl-C; prints the runs-table link."""
-    from search.server import start_server
-
     client, uri = open_store(uri)
     if uri.startswith(("http://", "https://")):
         print(f"{uri} is a tracking server already: open {uri}")
         return 0
-    artifacts = Path(uri.split("///", 1)[-1]).parent / "mlartifacts" if uri.startswith("sqlite:///") else Path.cwd()
+    db = sqlite_file(uri)
+    artifacts = db.parent / "mlartifacts" if db else Path.cwd() / "mlartifacts"
     server = start_server(uri, artifacts, host="127.0.0.1", port=port)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of this process stops the server too
     found = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
-    print(f"MLflow UI on {uri}: open {ui_url(uri, found.experiment_id, port=port) if found else server.url} "
+    print(f"MLflow UI on {mask_uri(uri)}: open {ui_url(uri, found.experiment_id, port=port) if found else server.url} "
           "(Ctrl-C stops it)", flush=True)
     try:
         return server.process.wait()

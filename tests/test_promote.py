@@ -1,7 +1,13 @@
 """Promotion to the MLflow registry: the alias `champion` moves only on improvement (and says so otherwise),
-`force` moves it anyway, and the registered pyfunc predicts exactly what the trial's checkpoint does."""
+`force` moves it anyway, and the registered pyfunc predicts exactly what the trial's checkpoint does; `ecgsearch ui`
+serves the same store on 127.0.0.1."""
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -78,3 +84,25 @@ def test_registered_model_predicts_what_the_checkpoint_does(searches: tuple[str,
     assert got.shape == (16, 5) and np.allclose(got.sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert tuple(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 8, 1000)
+
+
+def test_ui_serves_the_store_on_localhost_and_stops_with_its_process(searches: tuple[str, dict]) -> None:
+    uri, found = searches
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "search.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        line = ui.stdout.readline()
+        link = f"http://127.0.0.1:{port}/#/experiments/{found['strong'].experiment_id}/runs?workflowType=machine_learning"
+        assert link in line
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id="
+                                         f"{found['strong'].parent_run_id}")
+        run = json.loads(urllib.request.urlopen(request, timeout=10).read())["run"]
+        assert run["info"]["run_name"] == "strong"
+    finally:
+        ui.terminate()
+        assert ui.wait(30) == 143
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)

@@ -8,8 +8,9 @@ import optuna
 import pytest
 import yaml
 
+from data_prep.deepfake import prepare_deepfake
 from data_prep.errors import InputError
-from ecgmodels import create_model, default_hparams
+from ecgmodels import create_model, default_hparams, save_checkpoint
 from search_fixtures import small_ptbxl  # noqa: F401 (fixture)
 from search.cli import main
 from search.space import SearchSpace, load_space_config
@@ -114,9 +115,10 @@ def test_cli_reports_a_bad_space_file_in_one_line_with_exit_2(small_ptbxl: Path,
                                     "choose from cnn1d, inception1d, lstm, resnet1d, vit1d")
 
 
-@pytest.mark.parametrize("case", ["not prepared", "no labels for the task", "tracking store does not answer",
-                                  "pretrained missing"])
-def test_bad_inputs_fail_before_ray_starts(case: str, small_ptbxl: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", ["not prepared", "no labels for the task", "unknown target",
+                                  "tracking store does not answer", "pretrained missing",
+                                  "pretrained at another rate", "pretrained on another target"])
+def test_bad_inputs_fail_before_ray_starts(case: str, small_ptbxl: Path, asc_dir: Path, tmp_path: Path) -> None:
     import ray
 
     kw = {"data": small_ptbxl, "task": "classification", "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
@@ -124,15 +126,24 @@ def test_bad_inputs_fail_before_ray_starts(case: str, small_ptbxl: Path, tmp_pat
     if case == "not prepared":
         kw["data"] = tmp_path
         words = "not a prepared dataset"
-    elif case == "no labels for the task":
+    elif case == "no labels for the task":  # DeepFake ECGs have intervals but no diagnostic classes
+        kw["data"] = prepare_deepfake(tmp_path / "deepfake", asc_dir=asc_dir, rate=100)
+        words = "has no labels for classification"
+    elif case == "unknown target":
         kw.update(task="regression", target="st")
         words = "--target"
     elif case == "tracking store does not answer":
         kw["tracking_uri"] = "http://127.0.0.1:9"  # nothing listens on the discard port
         words = "does not answer"
-    else:
+    elif case == "pretrained missing":
         kw.update(approach="single", pretrained={"qrs": str(tmp_path / "nowhere.pt")})
         words = "no checkpoint"
+    else:
+        length, target = (5000, "qrs") if case == "pretrained at another rate" else (1000, "hr")
+        save_checkpoint(create_model("cnn1d", "regression", 1, 8, length), tmp_path / "model.pt",
+                        extra={"target": target})
+        kw.update(approach="single", pretrained={"qrs": str(tmp_path)})
+        words = "x 5000 samples" if length == 5000 else "trained on 'hr'"
     with pytest.raises(InputError, match=words) as err:
         run_search(num_samples=1, **kw)
     assert "\n" not in str(err.value)
