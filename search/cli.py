@@ -97,6 +97,13 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(args: argparse.Namespace) -> int:
+    from search.tuner import resume_search
+
+    print(resume_search(args.search, args.tracking_uri).summary())
+    return 0
+
+
 def _promote(args: argparse.Namespace) -> int:
     from search.promote import promote
 
@@ -186,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="database for the Optuna study, e.g. the MLflow postgresql://... URI")
     search.set_defaults(func=_search)
 
+    resume = sub.add_parser("resume", help="finish a search whose driver was killed or interrupted (Ctrl-C)")
+    resume.add_argument("search", help="the search's MLflow run id or name")
+    resume.add_argument("--tracking-uri", default=None, help="MLflow store the search ran with")
+    resume.set_defaults(func=_resume)
+
     promote = sub.add_parser("promote", help="register a search's best model; move alias champion if it is better")
     promote.add_argument("--search", required=True, help="the search's MLflow run id or name")
     promote.add_argument("--name", required=True, help="registered model name")
@@ -222,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"ecgsearch: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ecgsearch: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a search says how to resume it
+        print(f"ecgsearch: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -4,17 +4,25 @@ ASHA scheduler, while the driver tracks them in MLflow (search/tracking.py).
     from search.tuner import run_search
     result = run_search("prepared/ptbxl-100", "classification", half="A", num_samples=8, max_epochs=4)
     print(result.table)
+
+A search whose driver died or was interrupted (Ctrl-C: parent run KILLED, tag `interrupted`) is finished by
+`resume_search(name_or_run_id)`: Ray Tune restores its trials and Optuna searcher from the storage path logged on the
+parent run (param `resume_args`), finished trials stay finished, unfinished ones continue from their checkpoints and
+log to their own child runs again.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from ray.tune.schedulers import ASHAScheduler
 
 from data_prep.constants import TARGETS
@@ -65,8 +73,9 @@ class SearchResult:
         if best is not None:
             lines.append(f"best: trial {best['trial_number']} ({best['arch']}), {self.metric} "
                          f"{best[f'best_{self.metric}']:.4f}, MLflow run {best['run_id']}")
-        ui = "" if self.tracking_uri.startswith("http") else f"ecgsearch ui --tracking-uri {self.tracking_uri}, then "
-        lines.append(f"MLflow UI: {ui}open {self.ui_url()}")
+        uri = mask_uri(self.tracking_uri)
+        ui = "" if uri.startswith("http") else f"ecgsearch ui --tracking-uri {uri}, then "
+        lines.append(f"MLflow UI: {ui}open {mask_uri(self.ui_url())}")
         return "\n".join(lines)
 
 
@@ -156,6 +165,26 @@ def check_inputs(data: str | Path, task: str, target: str | None, approach: str,
     return ds
 
 
+def check_resources(max_concurrent: int, cpus_per_trial: float, gpus_per_trial: float, max_failures: int,
+                    time_budget_s: float | None, top_k: int, address: str | None) -> None:
+    """Resource settings a search can run with; on a local Ray, a trial must fit this machine."""
+    if max_concurrent < 1:
+        raise InputError(f"--max-concurrent {max_concurrent}: must be at least 1")
+    if not cpus_per_trial > 0 or gpus_per_trial < 0:
+        raise InputError(f"--cpus-per-trial {cpus_per_trial} must be > 0 and --gpus-per-trial {gpus_per_trial} >= 0")
+    if max_failures < 0 or top_k < 0:
+        raise InputError(f"--max-failures {max_failures} and top_k {top_k} must be >= 0")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise InputError(f"--time-budget {time_budget_s}: must be > 0 seconds")
+    if address is None:
+        import torch
+
+        cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+        if cpus_per_trial > cpus or gpus_per_trial > gpus:
+            raise InputError(f"--cpus-per-trial {cpus_per_trial} / --gpus-per-trial {gpus_per_trial}: this machine "
+                             f"has {cpus} CPUs and {gpus} GPUs, so no trial could start (or join a cluster: --address)")
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -203,6 +232,7 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
         raise InputError(f"sampler {sampler!r}: choose tpe or random")
     if num_samples < 1 or max_epochs < 1:
         raise InputError(f"--num-samples and --max-epochs must be at least 1, got {num_samples} and {max_epochs}")
+    check_resources(max_concurrent, cpus_per_trial, gpus_per_trial, max_failures, time_budget_s, top_k, address)
     study_storage = open_optuna_storage(optuna_storage) if optuna_storage else None
 
     name = name or f"{approach}-{target or task}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -218,19 +248,18 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
         "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "time_budget_s": time_budget_s,
         "sampler": sampler, "asha": asha, "reduction_factor": reduction_factor, "max_failures": max_failures,
         "storage": str(storage / name), "dataset_rate": ds.rate, **space.describe(),
-        **({"optuna_storage": mask_uri(optuna_storage)} if optuna_storage else {})})
+        **({"optuna_storage": mask_uri(optuna_storage)} if optuna_storage else {}),
+        "resume_args": {"data": str(data), "task": task, "target": target, "approach": approach,
+                        "pretrained": pretrained, "half": half, "single_label": single_label, "max_epochs": max_epochs,
+                        "seed": seed, "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
+                        "num_samples": num_samples, "time_budget_s": time_budget_s, "top_k": top_k,
+                        "address": address, "fault": fault, "storage": str(storage / name)}})
     client.log_dict(parent, spec, "search_space.yaml")
-    print(f"search {name}: MLflow run {parent} in {uri}", flush=True)
+    print(f"search {name}: MLflow run {parent} in {mask_uri(uri)}", flush=True)
 
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one save per improvement
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    status = "FAILED"
+    started = False
     try:
+        started = _init_ray(address)
         ot_sampler = TPESampler(seed=seed) if sampler == "tpe" else RandomSampler(seed=seed)
         searcher = OptunaSearch(space=space, metric=metric, mode=mode, sampler=ot_sampler, study_name=name,
                                 storage=study_storage)
@@ -251,8 +280,51 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                         checkpoint_score_order=mode)))
+    except Exception:
+        client.set_terminated(parent, "FAILED")
+        if started:
+            ray.shutdown()
+        raise
+    try:
+        result = SearchResult(name, parent, experiment_id, uri, metric, mode, pd.DataFrame(), storage / name)
+        return _fit(tuner, runs, result, client, space, task, target, top_k, num_samples, time_budget_s)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _init_ray(address: str | None) -> bool:
+    """Join `address` or start a local Ray sized to the machine (no dashboard), unless Ray is up; True if started.
+    Tune saves its experiment state at least every second, so a killed driver loses at most a second of it."""
+    import ray
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one save per improvement
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _fit(tuner: Any, runs: tracking.TrialRuns, result: SearchResult, client: Any, space: SearchSpace, task: str,
+         target: str | None, top_k: int, num_samples: int, time_budget_s: float | None) -> SearchResult:
+    """Run (or continue) the Tuner; log the top trials' artifacts and the summary on the parent run, which ends
+    FINISHED, FAILED, or KILLED with tag `interrupted` when Ctrl-C stopped it (then SearchInterrupted is raised)."""
+    parent, metric, mode = result.parent_run_id, result.metric, result.mode
+    status = "FAILED"
+    try:
         results = tuner.fit()
-        table = trials_table(results, runs, metric)
+        unfinished = [r for r in results if not r.error and not r.metrics.get("done")]
+        if unfinished or (time_budget_s is None and len(results) < num_samples):
+            status = "KILLED"
+            client.set_tag(parent, "interrupted", "true")
+            raise SearchInterrupted(f"search {result.name} interrupted with {len(unfinished)} trials unfinished; "
+                                    f"finish it with: ecgsearch resume {result.name} --tracking-uri "
+                                    f"{mask_uri(result.tracking_uri)}")
+        result.table = table = trials_table(results, runs, metric)
         top = table[table[f"best_{metric}"].notna()].sort_values(f"best_{metric}", ascending=mode == "min")
         checkpoints = {r.config["trial_number"]: r.checkpoint for r in results if r.checkpoint}
         for number, run_id in zip(top["trial_number"][:top_k], top["run_id"][:top_k]):
@@ -261,11 +333,82 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
                     tracking.log_trial_artifacts(client, run_id, Path(d), task, target)
         tracking.log_search_summary(client, parent, table, space, metric, mode)
         status = "FINISHED"
+    except KeyboardInterrupt:  # a second Ctrl-C, while Tune was saving its state
+        status = "KILLED"
+        client.set_tag(parent, "interrupted", "true")
+        raise
     finally:
         client.set_terminated(parent, status)
+    return result
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a search; its message says how to resume it."""
+
+
+def resume_search(search: str, tracking_uri: str | None = None) -> SearchResult:
+    """Finish a search whose driver was killed or interrupted (by its parent run's id or name): Tune restores the
+    trials and the Optuna searcher from the storage path on the parent run (errored trials are retried); each trial
+    logs to its own child run again, and child runs of trials Tune never recorded (in flight at the kill) are
+    deleted, so there is one child run per trial. A trial whose child run ended in the second before the driver
+    died, after Tune last saved its state, is not trained again."""
+    import ray
+    from ray import tune
+
+    from search.promote import find_search
+
+    client, uri = tracking.open_store(tracking_uri)
+    run = find_search(client, search)
+    name, parent = run.info.run_name, run.info.run_id
+    if "resume_args" not in run.data.params:
+        raise InputError(f"search {name} ({parent}) has no param resume_args: it was not run by ecgsearch search")
+    if run.info.status == "FINISHED":
+        raise InputError(f"search {name} ({parent}) has already finished")
+    args = json.loads(run.data.params["resume_args"])
+    if not tune.Tuner.can_restore(args["storage"]):
+        raise InputError(f"search {name}: no Ray Tune state at {args['storage']} (the storage path it ran with)")
+    ds = check_inputs(args["data"], args["task"], args["target"], args["approach"], args["half"], args["pretrained"])
+    models, _ = load_pretrained(args["pretrained"], ds.length, ds.signals.shape[1], uri)
+    metric, mode = search_metric(args["task"])
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = yaml.safe_load(Path(client.download_artifacts(parent, "search_space.yaml", tmp)).read_text())
+    constants = {k: args[k] for k in ("data", "task", "target", "half", "single_label", "max_epochs", "seed", "fault")}
+    space = SearchSpace(spec, args["approach"], {**constants, "threads": max(1, int(args["cpus_per_trial"]))}, models)
+
+    client.update_run(parent, status="RUNNING")
+    if "interrupted" in run.data.tags:
+        client.delete_tag(parent, "interrupted")
+    client.set_tag(parent, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
+    print(f"resuming search {name}: MLflow run {parent} in {mask_uri(uri)}, Ray state {args['storage']}", flush=True)
+    started = _init_ray(args["address"])
+    try:
+        known = {t.trial_id for t in tune.ExperimentAnalysis(args["storage"]).trials}  # in Tune's last saved state
+        children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+        ended = frozenset(int(c.data.tags["trial_number"]) for c in children
+                          if c.info.status == "FINISHED" and c.data.tags["trial_id"] in known)
+        trainable = tune.with_resources(tune.with_parameters(train_trial, pretrained=models or None, ended=ended),
+                                        {"cpu": args["cpus_per_trial"], "gpu": args["gpus_per_trial"]})
+        tuner = tune.Tuner.restore(args["storage"], trainable=trainable, resume_errored=True)
+        runs = tuner._local_tuner.get_run_config().callbacks[0]  # the search's TrialRuns, restored with the Tuner
+        runs.client = client
+        for child in children:
+            tags = child.data.tags
+            if tags["trial_id"] not in known:
+                client.delete_run(child.info.run_id)
+                continue
+            status = {"FINISHED": "pruned" if tags.get("stopped_by") == "scheduler" else "finished",
+                      "FAILED": "failed"}.get(child.info.status, "running")
+            runs.runs[tags["trial_id"]] = child.info.run_id
+            runs.trials[int(tags["trial_number"])] = {"trial_id": tags["trial_id"], "run_id": child.info.run_id,
+                                                      "status": status,
+                                                      "failure_reason": tags.get("failure_reason", "")}
+        result = SearchResult(name, parent, run.info.experiment_id, uri, metric, mode, pd.DataFrame(),
+                              Path(args["storage"]))
+        return _fit(tuner, runs, result, client, space, args["task"], args["target"], args["top_k"],
+                    args["num_samples"], args["time_budget_s"])
+    finally:
         if started:
             ray.shutdown()
-    return SearchResult(name, parent, experiment_id, uri, metric, mode, table, storage / name)
 
 
 def trials_table(results: Any, runs: tracking.TrialRuns, metric: str) -> pd.DataFrame:
