@@ -367,18 +367,20 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
     study_run = _study_run(client, experiment_id, cfg, config)
     work = Path(cfg["workdir"])
     ran, reused, runs = [], [], {}
-    started = not ray.is_initialized()
-    if started:
-        if cfg["address"]:
-            ray.init(address=cfg["address"])
-        else:  # "local": a new instance even where /tmp/ray/ray_current_cluster names someone's running cluster
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    started = False  # Ray starts only when a search has to run
     status = "FAILED"
     try:
         for i, s in enumerate(found, 1):
             began = time.time()
             run = finished_search(client, experiment_id, s.key)
             if run is None:
+                if not ray.is_initialized():
+                    started = True
+                    if cfg["address"]:
+                        ray.init(address=cfg["address"])
+                    else:  # "local": a new instance even where /tmp/ray/ray_current_cluster names a running cluster
+                        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                                 log_to_driver=False)
                 run = _run_search(s, cfg, datasets, uri, study_run, runs, work)
                 ran.append(s.name)
             else:
