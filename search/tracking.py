@@ -3,6 +3,7 @@ the end-of-search artifacts (trials table, Optuna importances, per-trial plots).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import sys
@@ -27,6 +28,7 @@ from data_prep.errors import InputError
 from search.server import mask_uri, start_server  # mask_uri: a postgresql:// URI may hold a password
 
 DEFAULT_EXPERIMENT = "ecgsearch"
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # its "Creating initial tables" lines on stderr
 _NOT_METRICS = set(AUTO_RESULT_KEYS) - {"time_this_iter_s"}
 
 

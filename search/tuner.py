@@ -221,18 +221,19 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
     data = Path(data).resolve()
     ds = check_inputs(data, task, target, approach, half, pretrained)
     target = target if task == "regression" else None
-    client, uri = tracking.open_store(tracking_uri)
-    models, lineage = load_pretrained(pretrained, ds.length, ds.signals.shape[1], uri)
-    metric, mode = search_metric(task)
-    constants = {"data": str(data), "task": task, "target": target, "half": half, "single_label": single_label,
-                 "max_epochs": max_epochs, "seed": seed, "threads": max(1, int(cpus_per_trial)), "fault": fault}
-    spec = load_space_config(config, space_overrides)
-    space = SearchSpace(spec, approach, constants, models)
     if sampler not in ("tpe", "random"):
         raise InputError(f"sampler {sampler!r}: choose tpe or random")
     if num_samples < 1 or max_epochs < 1:
         raise InputError(f"--num-samples and --max-epochs must be at least 1, got {num_samples} and {max_epochs}")
     check_resources(max_concurrent, cpus_per_trial, gpus_per_trial, max_failures, time_budget_s, top_k, address)
+    metric, mode = search_metric(task)
+    constants = {"data": str(data), "task": task, "target": target, "half": half, "single_label": single_label,
+                 "max_epochs": max_epochs, "seed": seed, "threads": max(1, int(cpus_per_trial)), "fault": fault}
+    spec = load_space_config(config, space_overrides)
+    space = None if pretrained else SearchSpace(spec, approach, constants)  # baseline: checked before the store
+    client, uri = tracking.open_store(tracking_uri)
+    models, lineage = load_pretrained(pretrained, ds.length, ds.signals.shape[1], uri)
+    space = space or SearchSpace(spec, approach, constants, models)
     study_storage = open_optuna_storage(optuna_storage) if optuna_storage else None
 
     name = name or f"{approach}-{target or task}-{time.strftime('%Y%m%d-%H%M%S')}"
