@@ -356,6 +356,7 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
     import ray
 
     from search import tracking
+    from search.tuner import _init_ray
 
     start = time.time()
     cfg = _checked(config, tracking_uri)[1]  # before anything is created
@@ -374,14 +375,9 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
             began = time.time()
             run = finished_search(client, experiment_id, s.key)
             if run is None:
-                if not ray.is_initialized():
-                    started = True
-                    if cfg["address"]:
-                        ray.init(address=cfg["address"])
-                    else:  # "local": a new instance even where /tmp/ray/ray_current_cluster names a running cluster
-                        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                                 log_to_driver=False)
-                run = _run_search(s, cfg, datasets, uri, study_run, runs, work)
+                started = _init_ray(cfg["address"]) or started
+                run = _resume(client, experiment_id, s, uri) or _run_search(s, cfg, datasets, uri, study_run, runs,
+                                                                            work)
                 ran.append(s.name)
             else:
                 reused.append(s.name)
@@ -397,6 +393,10 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
         for p in tables.values():
             client.log_artifact(study_run, str(p), "tables")
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(f"study: interrupted; rerun `ecgsearch study --config {config}` to resume it", flush=True)
+        raise
     finally:
         client.set_terminated(study_run, status)
         if started:
@@ -440,6 +440,23 @@ def _run_search(s: Search, cfg: dict, datasets: dict[str, Path], uri: str, study
     from mlflow import MlflowClient
 
     return MlflowClient(uri).get_run(result.parent_run_id)
+
+
+def _resume(client: Any, experiment_id: str, s: Search, uri: str) -> Any | None:
+    """Finish the newest unfinished run of this search (its driver killed or interrupted) from its Ray Tune state;
+    None when there is none, or nothing to restore (then the search starts afresh)."""
+    from search.tuner import resume_search
+
+    runs = client.search_runs([experiment_id], f"tags.`{TAG}search_key` = '{s.key}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or runs[0].info.status == "FINISHED":
+        return None
+    print(f"study: resuming {s.name} (search run {runs[0].info.run_id}, {runs[0].info.status})", flush=True)
+    try:
+        return client.get_run(resume_search(runs[0].info.run_id, uri).parent_run_id)
+    except InputError as e:
+        print(f"study: {s.name} cannot be resumed ({e}); running it afresh", flush=True)
+        return None
 
 
 def runs_model(run: Any) -> str:
