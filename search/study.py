@@ -12,7 +12,8 @@ Stages, all under one parent MLflow run (each search's parent run nested under i
                    AUC differences against the baseline, the majority-class and random-forest references.
 Each search is keyed by a hash of everything that decides its outcome (its settings, its data's settings, the keys
 of the searches it builds on). A rerun reuses every FINISHED search whose key it finds in MLflow and trains nothing
-for it; a changed config reruns only the searches whose key changed (and those downstream of them).
+for it; a search left unfinished (driver killed or interrupted) is finished with resume_search; a changed config
+reruns only the searches whose key changed (and those downstream of them).
 """
 from __future__ import annotations
 
