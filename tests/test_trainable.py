@@ -195,3 +195,24 @@ def test_train_trial_reports_and_checkpoints_under_ray_tune(data: Path, tmp_path
         with result.checkpoint.as_directory() as d:
             assert read_checkpoint(Path(d) / "model.pt")["extra"]["epoch"] == best_epoch
             assert (Path(d) / "val_predictions.npz").is_file()
+
+
+def test_batchnorm_statistics_are_the_exact_average_over_training_batches_and_frozen_stages_keep_theirs() -> None:
+    """Evaluation after a few steps must not use running statistics still near their initial values."""
+    from ecgmodels import freeze
+    from search.trainable import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = freeze(create_model("cnn1d", length=250), 1)
+    frozen_bn = next(m for m in model.backbone[0].modules() if isinstance(m, torch.nn.BatchNorm1d))
+    free_bn = next(m for m in model.backbone[1].modules() if isinstance(m, torch.nn.BatchNorm1d))
+    frozen_before = frozen_bn.running_mean.clone()
+    batches = [torch.randn(8, 8, 250) * 0.5 + 0.2 for _ in range(3)]
+    seen = []
+    hook = free_bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    recalibrate_batchnorm(model, iter(batches))
+    hook.remove()
+    want = torch.stack([x.mean((0, 2)) for x in seen]).mean(0)  # equal batch sizes: the mean of batch means
+    assert torch.allclose(free_bn.running_mean, want, atol=1e-5)
+    assert torch.equal(frozen_bn.running_mean, frozen_before)
+    assert free_bn.momentum == 0.1
