@@ -6,7 +6,7 @@ time, reporting the trial contract's classification metrics each epoch:
       TrialRuns callback logging every trial as a child run to an MLflow server on a fresh PostgreSQL database,
       and with --optuna-storage the Optuna study in that database too;
 then (b) on two Ray nodes of 1 CPU each against one node of 2 CPUs (trials per hour). Tune's own result files are on
-in both. Usage: python bench/cluster_overhead.py [--trials 200] [--optuna-storage] [--postgres URI]
+in both. Usage: python bench/cluster_overhead.py [--trials 200] [--optuna-storage] [--parts] [--postgres URI]
 """
 from __future__ import annotations
 
@@ -65,23 +65,28 @@ def tuner(trials: int, storage: Path, name: str, **tune_kw) -> float:
     return seconds
 
 
-def plain(trials: int, storage: Path) -> float:
-    return tuner(trials, storage, "plain", param_space={
-        "lr": tune.loguniform(1e-4, 1e-2), "batch_size": tune.choice([32, 64]),
-        "arch": tune.choice(["inception1d", "resnet1d", "cnn1d"]), "weight_decay": tune.loguniform(1e-5, 1e-1)})
+RANDOM = {"lr": tune.loguniform(1e-4, 1e-2), "batch_size": tune.choice([32, 64]),
+          "arch": tune.choice(["inception1d", "resnet1d", "cnn1d"]), "weight_decay": tune.loguniform(1e-5, 1e-1)}
 
 
-def ecgsearch_path(trials: int, storage: Path, server_url: str, optuna_uri: str | None, name: str) -> tuple[float, str]:
-    """Seconds for the trials through OptunaSearch + TrialRuns to the server, and the parent run id."""
+def ecgsearch_path(trials: int, storage: Path, name: str, optuna: bool = True, optuna_uri: str | None = None,
+                   server_url: str | None = None) -> tuple[float, str | None]:
+    """Seconds for the trials with OptunaSearch over ecgsearch's space (else random search) and, given a server,
+    the TrialRuns callback logging to it; and the parent run id."""
+    kw: dict = {"param_space": RANDOM}
+    if optuna:
+        space = SearchSpace(load_space_config(), "baseline", {"data": "unused", "task": "classification",
+                                                              "max_epochs": EPOCHS, "seed": 0, "threads": 1})
+        kw = {"search_alg": OptunaSearch(space=space, metric="val_auc", mode="max", sampler=TPESampler(seed=0),
+                                         study_name=name,
+                                         storage=open_optuna_storage(optuna_uri) if optuna_uri else None)}
+    if server_url is None:
+        return tuner(trials, storage, name, **kw), None
     client = MlflowClient(server_url)
     experiment = tracking.experiment_id(client, server_url, "cluster-overhead")
     parent = client.create_run(experiment, run_name=name).info.run_id
-    space = SearchSpace(load_space_config(), "baseline", {"data": "unused", "task": "classification", "max_epochs":
-                                                           EPOCHS, "seed": 0, "threads": 1})
-    searcher = OptunaSearch(space=space, metric="val_auc", mode="max", sampler=TPESampler(seed=0), study_name=name,
-                            storage=open_optuna_storage(optuna_uri) if optuna_uri else None)
-    runs = tracking.TrialRuns(client, experiment, parent, "val_auc", trials, set())
-    seconds = tuner(trials, storage, name, search_alg=searcher, callbacks=[runs])
+    seconds = tuner(trials, storage, name, callbacks=[tracking.TrialRuns(client, experiment, parent, "val_auc",
+                                                                         trials, set())], **kw)
     client.set_terminated(parent)
     return seconds, parent
 
@@ -115,10 +120,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--optuna-storage", action="store_true", help="keep (b)'s Optuna study in the PostgreSQL database")
+    p.add_argument("--parts", action="store_true", help="also time OptunaSearch alone and MLflow alone")
     p.add_argument("--postgres", default=os.environ.get("ECGSEARCH_POSTGRES_URI",
                                                         "postgresql://postgres@127.0.0.1:5432/postgres"))
     args = p.parse_args()
     n = args.trials
+    study = " + study in PostgreSQL" if args.optuna_storage else ""
     db = f"ecgsearch_bench_{uuid.uuid4().hex[:8]}"
     db_uri = urlunsplit(urlsplit(args.postgres)._replace(path=f"/{db}"))
     with psycopg.connect(args.postgres, autocommit=True) as admin, tempfile.TemporaryDirectory() as tmp:
@@ -127,12 +134,18 @@ def main() -> None:
         try:
             optuna_uri = db_uri if args.optuna_storage else None
             cluster = on_cluster(1, AT_ONCE, Path(tmp))
-            a = plain(n, Path(tmp) / "ray")
-            b, parent = ecgsearch_path(n, Path(tmp) / "ray", server.url, optuna_uri, "one-node")
+            a, _ = ecgsearch_path(n, Path(tmp) / "ray", "plain", optuna=False)
+            b, parent = ecgsearch_path(n, Path(tmp) / "ray", "one-node", optuna_uri=optuna_uri, server_url=server.url)
+            parts = [(f"  of which OptunaSearch alone{study}",
+                      ecgsearch_path(n, Path(tmp) / "ray", "optuna-only", optuna_uri=optuna_uri)[0]),
+                     ("  of which MLflow alone (random search + TrialRuns)",
+                      ecgsearch_path(n, Path(tmp) / "ray", "mlflow-only", optuna=False, server_url=server.url)[0]),
+                     ] if args.parts else []
             ray.shutdown()
             cluster.shutdown()
             cluster = on_cluster(AT_ONCE, 1, Path(tmp))
-            b2, parent2 = ecgsearch_path(n, Path(tmp) / "ray", server.url, optuna_uri, "two-nodes")
+            b2, parent2 = ecgsearch_path(n, Path(tmp) / "ray", "two-nodes", optuna_uri=optuna_uri,
+                                         server_url=server.url)
             ray.shutdown()
             cluster.shutdown()
             checks = [lost(db_uri, parent, n), lost(db_uri, parent2, n)]
@@ -143,12 +156,11 @@ def main() -> None:
     ideal = n * WORK_S / AT_ONCE
     print(f"\n{n} trials of {WORK_S:.0f} s ({EPOCHS} epochs, {len(METRICS)} metrics each), {AT_ONCE} at a time; "
           f"ideal {ideal:.0f} s; slot-seconds per trial = wall x {AT_ONCE} / {n}")
-    print(f"{'how':70s} {'wall s':>7s} {'s/trial':>7s} {'ratio':>6s} {'trials/h':>8s}")
-    study = " + study in PostgreSQL" if args.optuna_storage else ""
+    print(f"{'how':78s} {'wall s':>7s} {'s/trial':>7s} {'ratio':>6s} {'trials/h':>8s}")
     for how, secs in [("(a) plain Tuner, random search, no MLflow, 1 node x 2 CPU", a),
-                      (f"(b) OptunaSearch + MLflow server on PostgreSQL{study}, 1 node x 2 CPU", b),
+                      (f"(b) OptunaSearch + MLflow server on PostgreSQL{study}, 1 node x 2 CPU", b), *parts,
                       (f"(b) the same on 2 nodes x 1 CPU", b2)]:
-        print(f"{how:70s} {secs:7.1f} {secs * AT_ONCE / n:7.2f} {secs / a:6.2f} {n / secs * 3600:8.0f}")
+        print(f"{how:78s} {secs:7.1f} {secs * AT_ONCE / n:7.2f} {secs / a:6.2f} {n / secs * 3600:8.0f}")
     print(f"ecgsearch adds {(b - a) * AT_ONCE / n:.2f} s per trial over (a) ({(b / a - 1) * 100:.0f}%); "
           f"two nodes / one node trials per hour: {b / b2:.2f}")
     for name, (runs, incomplete) in zip(("one node", "two nodes"), checks):
