@@ -25,7 +25,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from data_prep.constants import CLASSES, TARGET_UNITS
 from data_prep.errors import InputError
-from search.server import mask_uri, start_server  # mask_uri: a postgresql:// URI may hold a password
+from search.server import connect_postgres, is_postgres, mask_uri, start_server  # mask_uri: a postgresql:// URI may hold a password
 
 DEFAULT_EXPERIMENT = "ecgsearch"
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # its "Creating initial tables" lines on stderr
@@ -54,8 +54,10 @@ def open_store(uri: str | None) -> tuple[MlflowClient, str]:
             raise InputError(f"--tracking-uri {uri} does not answer ({e}); start the server or fix the URI") from None
     elif db is not None and not db.parent.is_dir():
         raise InputError(f"--tracking-uri {uri}: directory {db.parent} does not exist")
-    client = MlflowClient(uri, registry_uri=uri)
+    elif is_postgres(uri):  # fails in seconds naming the database, where MLflow would retry for a minute
+        connect_postgres(uri, "--tracking-uri").close()
     try:
+        client = MlflowClient(uri, registry_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as e:  # any driver error means the same to the user: this store cannot be used
         raise InputError(f"--tracking-uri {mask_uri(uri)} does not answer ({str(e).splitlines()[0]})") from None

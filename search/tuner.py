@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import tempfile
 import time
@@ -128,7 +129,11 @@ def load_pretrained(specs: dict[str, str], data_length: int, n_leads: int,
             path = checkpoint_path(uri, tracking_uri)
         except InputError as e:
             raise InputError(f"--pretrained {target}={e}") from None
-        extra = read_checkpoint(path)["extra"]
+        try:  # weights_only: a checkpoint holding anything but tensors and plain values is refused, never run
+            extra = read_checkpoint(path)["extra"]
+        except (pickle.UnpicklingError, RuntimeError, KeyError) as e:
+            raise InputError(f"--pretrained {target}={uri}: not an ecgmodels checkpoint that loads safely "
+                             f"({str(e).splitlines()[0][:200]})") from None
         model = load_checkpoint(path)
         cfg = model.config
         if extra.get("target") not in (None, target):
