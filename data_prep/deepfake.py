@@ -28,9 +28,10 @@ GROUND_TRUTH_COLUMNS = ("patid", "avgrrinterval", "pr", "qrs", "qt")
 
 def prepare_deepfake(out: str | Path, count: int | None = None, seed: int = 0, asc_dir: str | Path | None = None,
                      ground_truth: str | Path | None = None, strict: bool = False,
-                     workers: int | None = None, rate: int = RATE) -> Path:
+                     workers: int | None = None, rate: int = RATE, outlier_sd: float | None = None) -> Path:
     """Generate `count` ECGs with `seed`, or read the `.asc` files of `asc_dir` (labels from the `ground_truth`
-    CSV when given, else the extractor), into the dataset directory `out` (reused when unchanged), at `rate` Hz."""
+    CSV when given, else the extractor), into the dataset directory `out` (reused when unchanged), at `rate` Hz.
+    `outlier_sd` applies the study's outlier rule to the regression labels (`intervals.drop_outliers`)."""
     out = Path(out)
     if rate not in (100, RATE):
         raise InputError(f"DeepFake: rate {rate}: choose 500 (as generated) or 100 (resampled, like PTB-XL's "
@@ -42,16 +43,18 @@ def prepare_deepfake(out: str | Path, count: int | None = None, seed: int = 0, a
             raise InputError(f"DeepFake: count must be at least 1, got {count}")
         if ground_truth is not None:
             raise InputError("DeepFake: --ground-truth goes with --asc-dir, not with generated ECGs")
-        return _generate(out, count, seed, workers, rate)
-    return _read_asc(out, Path(asc_dir), Path(ground_truth) if ground_truth else None, seed, strict, workers, rate)
+        return _generate(out, count, seed, workers, rate, outlier_sd)
+    return _read_asc(out, Path(asc_dir), Path(ground_truth) if ground_truth else None, seed, strict, workers, rate,
+                     outlier_sd)
 
 
-def _generate(out: Path, count: int, seed: int, workers: int | None, rate: int) -> Path:
+def _generate(out: Path, count: int, seed: int, workers: int | None, rate: int, outlier_sd: float | None) -> Path:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     key = cache_key({"source": "deepfake", "count": count, "seed": seed, "device": device,
-                     "deepfake-ecg": package_versions("deepfake-ecg").get("deepfake-ecg"), "rate": rate})
+                     "deepfake-ecg": package_versions("deepfake-ecg").get("deepfake-ecg"), "rate": rate,
+                     "outlier_sd": outlier_sd})
     if is_current(out, key):
         return out
     measured = []
@@ -62,8 +65,8 @@ def _generate(out: Path, count: int, seed: int, workers: int | None, rate: int) 
                 measured.append(result)
             writer.write(resample(batch, rate))
             progress.update(len(batch))
-        labels = _labels(pd.DataFrame(measured), np.arange(count), seed)
-        return writer.finish(labels, _manifest(labels, seed, key, "extractor", [], rate=rate,
+        labels = _labels(pd.DataFrame(measured), np.arange(count), seed, outlier_sd)
+        return writer.finish(labels, _manifest(labels, seed, key, "extractor", [], rate=rate, outlier_sd=outlier_sd,
                                                generator={"device": device, "batch": BATCH}))
 
 
@@ -96,7 +99,7 @@ def _measure(ecg: np.ndarray) -> dict:
 
 
 def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, strict: bool,
-              workers: int | None, rate: int) -> Path:
+              workers: int | None, rate: int, outlier_sd: float | None) -> Path:
     if not asc_dir.is_dir():
         raise InputError(f"{asc_dir} is not a directory of DeepFake .asc files")
     files = sorted(asc_dir.glob("*.asc"), key=lambda f: (len(f.stem), f.stem))
@@ -105,7 +108,7 @@ def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, st
     if ground_truth is not None and not ground_truth.is_file():
         raise InputError(f"{ground_truth} not found (the DeepFake ground-truth CSV)")
     key = cache_key({"source": "deepfake", "asc_dir": str(asc_dir.resolve()), "seed": seed, "strict": strict,
-                     "ground_truth": str(ground_truth), "rate": rate},
+                     "ground_truth": str(ground_truth), "rate": rate, "outlier_sd": outlier_sd},
                     files + ([ground_truth] if ground_truth else []))
     if is_current(out, key):
         return out
@@ -122,9 +125,9 @@ def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, st
         else:
             targets = truth.reindex(pd.to_numeric(pd.Series(ids), errors="coerce")).reset_index(drop=True)
             targets["label_note"] = np.where(targets[list(TARGETS)].isna().all(axis=1), "not in ground truth", "")
-        labels = _labels(targets, ids, seed)
+        labels = _labels(targets, ids, seed, outlier_sd)
         return writer.finish(labels, _manifest(labels, seed, key, "extractor" if truth is None else "muse", skipped,
-                                               rate=rate, asc_dir=str(asc_dir.resolve()),
+                                               rate=rate, outlier_sd=outlier_sd, asc_dir=str(asc_dir.resolve()),
                                                ground_truth=str(ground_truth)))
 
 
@@ -165,8 +168,9 @@ def read_ground_truth(path: Path) -> pd.DataFrame:
     return labels
 
 
-def _labels(targets: pd.DataFrame, ids, seed: int) -> pd.DataFrame:
-    """The label table of DeepFake rows: no half, a seeded 80/10/10 split, no diagnostic classes."""
+def _labels(targets: pd.DataFrame, ids, seed: int, outlier_sd: float | None) -> pd.DataFrame:
+    """The label table of DeepFake rows: no half, a seeded 80/10/10 split, no diagnostic classes; regression labels
+    past `outlier_sd` SD dropped when given."""
     n = len(targets)
     labels = pd.DataFrame({"record_id": [str(i) for i in ids], "patient_id": np.arange(n), "half": ""})
     labels["split"] = random_split(labels["patient_id"], seed, FRACTIONS).to_numpy()
@@ -174,7 +178,7 @@ def _labels(targets: pd.DataFrame, ids, seed: int) -> pd.DataFrame:
     labels["label"] = -1
     for t in (*TARGETS, "label_note"):
         labels[t] = targets[t].to_numpy() if n else []
-    return labels
+    return intervals.drop_outliers(labels, outlier_sd) if outlier_sd else labels
 
 
 def _manifest(labels: pd.DataFrame, seed: int, key: str, label_source: str, skipped: list, **extra) -> dict:

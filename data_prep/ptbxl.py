@@ -24,10 +24,10 @@ UNIT_SCALE = {"mv": 1.0, "uv": 1e-3}
 
 def prepare_ptbxl(root: str | Path, out: str | Path, rate: int = 100, features: str | Path | None = None,
                   min_likelihood: float = 0.0, split: str = "strat_fold", seed: int = 0, strict: bool = False,
-                  workers: int | None = None) -> Path:
+                  workers: int | None = None, outlier_sd: float | None = None) -> Path:
     """Prepare PTB-XL under `root` into the dataset directory `out` (reused when the options and the CSVs and record
     files it reads are unchanged). Bad records are skipped and listed in the manifest, or raise InputError when
-    `strict`."""
+    `strict`. `outlier_sd` applies the study's outlier rule to the regression labels (`intervals.drop_outliers`)."""
     root, out = Path(root), Path(out)
     if rate not in FILENAME:
         raise InputError(f"--rate {rate}: PTB-XL has records at 100 and 500 Hz only")
@@ -38,7 +38,8 @@ def prepare_ptbxl(root: str | Path, out: str | Path, rate: int = 100, features: 
                              "scp_statements.csv, records100/, records500/)")
     twelve_sl = _features_file(features) if features is not None else None
     options = {"source": "ptbxl", "rate": rate, "min_likelihood": min_likelihood, "split": split, "seed": seed,
-               "strict": strict, "features": str(twelve_sl), "root": str(root.resolve())}
+               "strict": strict, "features": str(twelve_sl), "root": str(root.resolve()),
+               "outlier_sd": outlier_sd}
     meta = read_database(database, statements, min_likelihood)
     records = [root / f"{f}{ext}" for f in meta[FILENAME[rate]] for ext in (".hea", ".dat")]
     key = cache_key(options, [database, statements, *([twelve_sl] if twelve_sl else []),
@@ -60,13 +61,15 @@ def prepare_ptbxl(root: str | Path, out: str | Path, rate: int = 100, features: 
             labels = pd.concat([labels.drop(columns=[*TARGETS, "label_note"], errors="ignore"),
                                 pd.DataFrame(measured, index=labels.index)], axis=1)
         labels = labels.rename(columns={"ecg_id": "record_id"})
+        if outlier_sd:
+            labels = intervals.drop_outliers(labels, outlier_sd)
         manifest = {
             "source": "ptbxl", "rate": rate, "normalisation": "zscore",
             "normalisation_note": "signals are stored in mV; the trainer applies per-record per-lead z-score",
             "root": str(root.resolve()), "min_likelihood": min_likelihood,
             "splits": {"method": split, "seed": seed, "halves": "patient-disjoint, superclass-stratified",
                        "counts": split_counts(labels)},
-            "label_source": "ptbxl+ 12sl" if twelve_sl else "extractor",
+            "label_source": "ptbxl+ 12sl" if twelve_sl else "extractor", "outlier_sd": outlier_sd,
             "skipped": skipped, "cache_key": key,
             "versions": package_versions("wfdb", "neurokit2", "scipy"),
         }

@@ -18,7 +18,7 @@ def _data_ptbxl(args: argparse.Namespace) -> int:
 
     out = prepare_ptbxl(args.root, args.out, rate=args.rate, features=args.features,
                         min_likelihood=args.min_likelihood, split=args.split, seed=args.seed,
-                        strict=args.strict, workers=args.workers)
+                        strict=args.strict, workers=args.workers, outlier_sd=args.drop_outliers)
     print(describe(out))
     return 0
 
@@ -30,7 +30,8 @@ def _data_deepfake(args: argparse.Namespace) -> int:
     if (args.count is None) == (args.asc_dir is None):
         raise InputError("ecgsearch data deepfake: give exactly one of --count N (generate) or --asc-dir DIR (read)")
     out = prepare_deepfake(args.out, count=args.count, seed=args.seed, asc_dir=args.asc_dir,
-                           ground_truth=args.ground_truth, strict=args.strict, workers=args.workers)
+                           ground_truth=args.ground_truth, strict=args.strict, workers=args.workers,
+                           rate=args.rate, outlier_sd=args.drop_outliers)
     print(describe(out))
     return 0
 
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     common.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: all cores)")
+    common.add_argument("--drop-outliers", type=float, nargs="?", const=3.0, default=None, metavar="SD",
+                        help="the study's outlier rule: drop a regression label farther than SD (default 3) "
+                             "standard deviations from the median")
 
     ptbxl = data.add_parser("ptbxl", parents=[common], help="PTB-XL wfdb records -> prepared dataset")
     ptbxl.add_argument("--root", required=True, type=Path, help="PTB-XL directory (ptbxl_database.csv, records100/)")
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--count", type=int, default=None, help="generate N ECGs with the bundled Pulse2Pulse GAN")
     fake.add_argument("--asc-dir", type=Path, default=None, help="read the published .asc files instead")
     fake.add_argument("--ground-truth", type=Path, default=None, help="MUSE ground-truth CSV for --asc-dir")
+    fake.add_argument("--rate", type=int, choices=(100, 500), default=500,
+                      help="500 Hz as generated, or 100 Hz (resampled, to transfer to PTB-XL's records100)")
     fake.set_defaults(func=_data_deepfake)
 
     server = sub.add_parser("server", help="start the MLflow tracking server a cluster logs to (blocks)")

@@ -79,3 +79,22 @@ def test_bad_arguments_are_input_errors(tmp_path):
         prepare_deepfake(tmp_path / "ds", asc_dir=tmp_path / "nowhere")
     with pytest.raises(InputError, match="no .asc files"):
         prepare_deepfake(tmp_path / "ds", asc_dir=tmp_path)
+
+
+def test_outlier_rule_drops_only_the_far_label_and_is_a_new_dataset(asc_dir, tmp_path):
+    from search.cli import main
+
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame({"patid": [101, 102, 103, 124], "avgrrinterval": [1000, 800, 750, 900], "pr": [160, 150, 140, 155],
+                  "qrs": [90, 94, 92, 400], "qt": [400, 390, 380, 395]}).to_csv(truth, index=False)
+    out = tmp_path / "ds"
+    args = ["data", "deepfake", "--asc-dir", str(asc_dir), "--ground-truth", str(truth), "--out", str(out),
+            "--workers", "1"]
+    assert main(args) == 0
+    assert open_dataset(out).labels["qrs"].notna().all()
+    assert main(args + ["--drop-outliers", "1"]) == 0  # 4 records: 3 SD can never be reached, 1 SD can
+    ds = open_dataset(out)
+    lab = ds.labels.set_index("record_id")
+    assert lab["qrs"].isna().tolist() == [False, False, False, True]
+    assert lab.loc["124", "label_note"] == "qrs: outlier > 1 SD" and lab.loc["124", "qt"] == 395
+    assert ds.manifest["outlier_sd"] == 1.0

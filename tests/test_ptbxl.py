@@ -69,6 +69,9 @@ def test_12sl_features_map_to_targets(ptbxl_root, tmp_path):
     assert labels.loc[3, ["hr", "pr", "qrs", "qt"]].isna().all()
     assert labels.loc[3, "label_note"] == "not in 12SL features"
     assert ds.manifest["label_source"] == "ptbxl+ 12sl"
+    strict = open_dataset(prepare_ptbxl(ptbxl_root, tmp_path / "ds", features=tmp_path / "ptbxl_plus", workers=1,
+                                        outlier_sd=0.5))  # two values: each is 0.71 SD from their median
+    assert strict.manifest["outlier_sd"] == 0.5 and strict.labels["qt"].isna().all()
 
 
 def test_missing_root_csv_and_features_are_input_errors(ptbxl_root, tmp_path, capsys):
