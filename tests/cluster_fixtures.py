@@ -64,6 +64,7 @@ def postgres_uri() -> str:
 class TwoNodeCluster:
     address: str                    # GCS address to pass to ray.init / run_search
     node_ips: dict[str, str]        # node IP (what Tune reports as `node_ip`) -> node id
+    worker: subprocess.Popen        # the worker node's `ray start --block`, its own process group (fault tests)
 
 
 def _start_node(args: list[str], log: Path) -> subprocess.Popen:
@@ -135,7 +136,7 @@ def two_node_cluster(tmp_path: Path) -> TwoNodeCluster:
         ray.shutdown()
         node_ips = {n["NodeManagerAddress"]: n["NodeID"] for n in alive}
         assert len(node_ips) == 2, f"both nodes report one IP {node_ips}: trials could not be told apart"
-        yield TwoNodeCluster(address, node_ips)
+        yield TwoNodeCluster(address, node_ips, nodes[1])
     finally:
         ray.shutdown()
         for p in reversed(nodes):
