@@ -1,11 +1,9 @@
 """Promote a search's best trial to the MLflow Model Registry, moving the alias `champion` only on improvement.
 
-The registered model is an MLflow pyfunc: `ECGPyfunc` below, with the trial's `model.pt` as its artifact. We choose
+The registered model is the pyfunc of `search/pyfunc_model.py`, with the trial's `model.pt` as its artifact. We choose
 pyfunc over `mlflow.pytorch.log_model` (whose default torch.export/pt2 format fixes the input length and needs an
 export per model): the wrapper loads the checkpoint with `ecgmodels.load_checkpoint` (weights_only), so the registry
-holds the same bytes the trial wrote. Input: float32 (N, 8, L) raw millivolts (leads I, II, V1..V6, at the rate in
-the version's tags); the model normalises inside itself; output: class probabilities (N, 5) or values (N,) in the
-target's unit (bpm or ms).
+holds the same bytes the trial wrote.
 """
 from __future__ import annotations
 
@@ -19,36 +17,12 @@ import mlflow
 import numpy as np
 import torch
 
+import ecgmodels
 from data_prep.errors import InputError
-from search import tracking
+from search import pyfunc_model, tracking
+from search.pyfunc_model import predict
 
 ALIAS = "champion"
-
-
-class ECGPyfunc(mlflow.pyfunc.PythonModel):
-    """An ecgmodels checkpoint as a pyfunc: raw mV in, probabilities or bpm/ms out."""
-
-    def load_context(self, context):  # noqa: ANN001 (MLflow reads type hints as a schema: none here)
-        from ecgmodels import load_checkpoint
-        from ecgmodels.checkpoint import read_checkpoint
-
-        path = context.artifacts["model.pt"]
-        self.model = load_checkpoint(path).eval()
-        self.extra = read_checkpoint(path)["extra"]
-
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 (the signature is logged instead)
-        return predict(self.model, self.extra, model_input)
-
-
-def predict(model: torch.nn.Module, extra: dict, x: Any) -> np.ndarray:
-    """A checkpointed model's outputs in the registry's terms (probabilities, or values in the target's unit)."""
-    x = torch.from_numpy(np.array(x, dtype=np.float32))  # a copy: MLflow may pass a read-only array
-    with torch.inference_mode():
-        out = model(x).float()
-    if extra["task"] == "regression":
-        return (out.squeeze(-1) * extra["target_std"] + extra["target_mean"]).numpy()
-    single = extra.get("config", {}).get("single_label", True)
-    return (torch.softmax(out, 1) if single else torch.sigmoid(out)).numpy()
 
 
 def metric_mode(metric: str) -> str:
@@ -125,7 +99,8 @@ def promote(search: str, name: str, metric: str = "val_auc", force: bool = False
         signature = infer_signature(example, predict(model, extra, example))
         with mlflow.start_run(run_id=run.info.run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=ECGPyfunc(), artifacts={"model.pt": str(path)}, signature=signature,
+                name="model", python_model=pyfunc_model.__file__, artifacts={"model.pt": str(path)},
+                code_paths=[str(Path(ecgmodels.__file__).parent)], signature=signature,
                 input_example=example, registered_model_name=name,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                                   f"mlflow=={mlflow.__version__}"])

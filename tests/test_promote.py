@@ -4,6 +4,7 @@ serves the same store on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from search.cli import main
 from search.promote import promote
 from search.tuner import SearchResult, run_search
 from search_fixtures import local_ray, small_ptbxl  # noqa: F401 (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = {"arch": "cnn1d", "archs": {"cnn1d": {"width": 8, "depth": 3}}, "batch_size": 32, "schedule": "constant",
         "aug": {a: {"p": 0.0} for a in ("noise", "wander", "scale", "shift", "lead_dropout", "time_mask")}}
@@ -84,6 +87,26 @@ def test_registered_model_predicts_what_the_checkpoint_does(searches: tuple[str,
     assert got.shape == (16, 5) and np.allclose(got.sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert tuple(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 8, 1000)
+
+    # The registered model needs torch, numpy and mlflow, not ecgsearch: load it where the project is not importable.
+    np.save(tmp_path / "x.npy", x)
+    script = f"""
+import sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f)]  # the project's editable install
+sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+import mlflow, numpy as np
+mlflow.set_tracking_uri({uri!r})
+got = mlflow.pyfunc.load_model("models:/ecg-equal@champion").predict(np.load("x.npy"))
+assert not {{"search", "data_prep"}} & set(sys.modules), "the project was imported"
+import ecgmodels
+print(ecgmodels.__file__)
+np.save("got.npy", got)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert str(REPO) not in done.stdout  # ecgmodels came with the model, not from the repository
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), want, rtol=0, atol=1e-6)
 
 
 def test_ui_serves_the_store_on_localhost_and_stops_with_its_process(searches: tuple[str, dict]) -> None:
