@@ -138,13 +138,21 @@ class TrialRuns(Callback):
                                "failure_reason": ""}
         log_params(self.client, run.info.run_id, trial.config)
 
+    def ended(self, trial: Any) -> bool:
+        """Whether the trial's child run has ended already (a resumed search re-reports such a trial once)."""
+        return self.trials.get(trial.config.get("trial_number"), {}).get("status", "running") != "running"
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self.ended(trial):
+            return
         step, now = int(result.get("epoch", result["training_iteration"])), int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
                    if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
         self.client.log_batch(self.runs[trial.trial_id], metrics=metrics)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.ended(trial):
+            return
         pruned = trial.trial_id in self.pruned
         self.trials[trial.config.get("trial_number")]["status"] = "pruned" if pruned else "finished"
         run = self.runs[trial.trial_id]

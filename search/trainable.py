@@ -374,11 +374,13 @@ def run_trial(config: dict, pretrained: dict[str, ECGModel] | None = None, repor
     return {**best, f"best_{name}": best[name]}
 
 
-def train_trial(config: dict, pretrained: dict[str, ECGModel] | None = None, ended: frozenset[int] = frozenset()) -> None:
+def train_trial(config: dict, pretrained: dict[str, ECGModel] | None = None,
+                ended: dict[int, dict] | None = None) -> None:
     """The Ray Tune function trainable: run_trial reporting through `ray.tune.report`, with the best checkpoint
     attached on the epochs that improve it (Tune copies it into the trial's storage before `report` returns).
     A trial Tune retries (max_failures) or restores (a resumed search) continues from its checkpoint; one whose
-    trial number is in `ended` (a resumed search found it ended, after Tune last saved its state) returns at once.
+    trial number is in `ended` (a resumed search found it ended after Tune last saved its state) reports its last
+    metrics again and returns.
     The working copy is a temporary directory, removed when the trial ends; a trial whose actor Tune kills while it
     waits in `report` (a pruned one, racing the kill) can leave it behind in the temp dir."""
     from ray import tune
@@ -387,7 +389,9 @@ def train_trial(config: dict, pretrained: dict[str, ECGModel] | None = None, end
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(found, checkpoint=checkpoint)
 
-    if int(config.get("trial_number", DEFAULTS["trial_number"])) in ended:
+    number = int(config.get("trial_number", DEFAULTS["trial_number"]))
+    if ended and number in ended:
+        tune.report(ended[number])
         return
     checkpoint = tune.get_checkpoint()
     with (tempfile.TemporaryDirectory(prefix="ecgsearch-trial-") as workdir,

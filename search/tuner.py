@@ -390,8 +390,8 @@ def resume_search(search: str, tracking_uri: str | None = None) -> SearchResult:
     try:
         known = {t.trial_id for t in tune.ExperimentAnalysis(args["storage"]).trials}  # in Tune's last saved state
         children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
-        ended = frozenset(int(c.data.tags["trial_number"]) for c in children
-                          if c.info.status == "FINISHED" and c.data.tags["trial_id"] in known)
+        ended = {int(c.data.tags["trial_number"]): c.data.metrics for c in children  # their last epoch's metrics
+                 if c.info.status == "FINISHED" and c.data.tags["trial_id"] in known}
         trainable = tune.with_resources(tune.with_parameters(train_trial, pretrained=models or None, ended=ended),
                                         {"cpu": args["cpus_per_trial"], "gpu": args["gpus_per_trial"]})
         tuner = tune.Tuner.restore(args["storage"], trainable=trainable, resume_errored=True)
@@ -421,11 +421,12 @@ def trials_table(results: Any, runs: tracking.TrialRuns, metric: str) -> pd.Data
     """One row per trial from Tune's results and the callback's records, in trial order."""
     rows = []
     for r in results:
-        number = r.config["trial_number"]
+        number = int(Path(r.path).name.split("_")[1])  # trial_<number>_<id>: one that never reported has no config
+        config, metrics = r.config or {}, r.metrics or {}
         rows.append({"trial_number": number, **runs.trials.get(number, {"status": "failed" if r.error else "?"}),
-                     "epochs": r.metrics.get("training_iteration", 0), f"best_{metric}": r.metrics.get(f"best_{metric}"),
-                     "arch": r.config.get("arch"), "lr": r.config.get("lr"), "schedule": r.config.get("schedule"),
-                     "config": r.config})
+                     "epochs": int(metrics.get("epoch", 0)), f"best_{metric}": metrics.get(f"best_{metric}"),
+                     "arch": config.get("arch"), "lr": config.get("lr"), "schedule": config.get("schedule"),
+                     "config": config})
     table = pd.DataFrame(rows).sort_values("trial_number").reset_index(drop=True)
     table[f"best_{metric}"] = pd.to_numeric(table[f"best_{metric}"])
     return table

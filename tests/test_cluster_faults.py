@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster_fixtures import two_node_cluster  # noqa: F401 (fixture)
-from search.tuner import run_search
 from search_fixtures import small_ptbxl  # noqa: F401 (fixture)
 
 # about 1 s per epoch (as in test_cluster.py), so the worker node is killed while its trial trains
@@ -50,12 +51,18 @@ def test_worker_node_killed_mid_trial_its_trial_finishes_on_the_head(two_node_cl
 
     thread = threading.Thread(target=kill_worker_node, daemon=True)
     thread.start()
+    # the driver in a fresh process: one that ran a local Ray before (token auth) gets every actor cancelled here
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    code = (f"from search.tuner import run_search; run_search({str(small_ptbxl)!r}, 'classification', num_samples=3, "
+            f"max_epochs=4, max_concurrent=2, asha=False, space_overrides={SPACE!r}, "
+            f"address={two_node_cluster.address!r}, tracking_uri={uri!r}, storage_path={str(storage)!r}, "
+            f"max_failures=2, seed=1, top_k=1, name='nodes')")
     t0 = time.monotonic()
-    result = run_search(small_ptbxl, "classification", num_samples=3, max_epochs=4, max_concurrent=2, asha=False,
-                        space_overrides=SPACE, address=two_node_cluster.address, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-                        storage_path=storage, max_failures=2, seed=1, top_k=1)
+    driver = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, RAY_AUTH_MODE="disabled"))
     wall = time.monotonic() - t0
     thread.join(5)
+    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
     assert killed, "no trial ran on the worker node before the search ended"
     print(f"\nfault: worker node killed at trial {killed['trial']} epoch {killed['epoch']}: search {wall:.0f} s, "
           f"{wall - (killed['at'] - t0):.0f} s after the kill")
@@ -64,10 +71,12 @@ def test_worker_node_killed_mid_trial_its_trial_finishes_on_the_head(two_node_cl
     assert rows[0]["node_ip"] == WORKER_IP and rows[-1]["node_ip"] != WORKER_IP  # moved to the head
     epochs = [r["epoch"] for r in rows]
     assert epochs[-1] == 4 and epochs.count(1) == 1, epochs  # continued from its checkpoint, not from scratch
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    runs = client.search_runs([result.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("ecgsearch").experiment_id],
+                                "attributes.run_name = 'nodes'")[0]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 3
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(int(r.data.tags["trial_number"]) for r in runs) == [0, 1, 2]
     for run in runs:
         assert run.info.status == "FINISHED"
         assert {m.step for m in client.get_metric_history(run.info.run_id, "val_auc")} == {1, 2, 3, 4}
-    assert list(result.table["status"]) == ["finished"] * 3
