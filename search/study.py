@@ -357,7 +357,7 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
     import ray
 
     from search import tracking
-    from search.tuner import _init_ray
+    from search.tuner import init_ray
 
     start = time.time()
     cfg = _checked(config, tracking_uri)[1]  # before anything is created
@@ -376,7 +376,7 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
             began = time.time()
             run = finished_search(client, experiment_id, s.key)
             if run is None:
-                started = _init_ray(cfg["address"]) or started
+                started = init_ray(cfg["address"]) or started
                 run = _resume(client, experiment_id, s, uri) or _run_search(s, cfg, datasets, uri, study_run, runs,
                                                                             work)
                 ran.append(s.name)

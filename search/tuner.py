@@ -265,7 +265,7 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
 
     started = False
     try:
-        started = _init_ray(address)
+        started = init_ray(address)
         ot_sampler = TPESampler(seed=seed) if sampler == "tpe" else RandomSampler(seed=seed)
         searcher = OptunaSearch(space=space, metric=metric, mode=mode, sampler=ot_sampler, study_name=name,
                                 storage=study_storage)
@@ -299,7 +299,7 @@ def run_search(data: str | Path, task: str = "classification", *, target: str | 
             ray.shutdown()
 
 
-def _init_ray(address: str | None) -> bool:
+def init_ray(address: str | None) -> bool:
     """Join `address` or start a local Ray sized to the machine (no dashboard), unless Ray is up; True if started.
     Tune saves its experiment state at least every second, so a killed driver loses at most a second of it."""
     import ray
@@ -386,7 +386,7 @@ def resume_search(search: str, tracking_uri: str | None = None) -> SearchResult:
         client.delete_tag(parent, "interrupted")
     client.set_tag(parent, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
     print(f"resuming search {name}: MLflow run {parent} in {mask_uri(uri)}, Ray state {args['storage']}", flush=True)
-    started = _init_ray(args["address"])
+    started = init_ray(args["address"])
     try:
         known = {t.trial_id for t in tune.ExperimentAnalysis(args["storage"]).trials}  # in Tune's last saved state
         children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
