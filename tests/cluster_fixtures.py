@@ -2,7 +2,7 @@
 
 Import the fixtures into a test module (`from cluster_fixtures import postgres_uri, two_node_cluster`; pytest puts tests/ on sys.path).
 The cluster is started with the real `ray start` CLI, each node with its own --temp-dir, and stopped by the pids of
-the two `ray start --block` processes and their process groups, never by `ray stop` (that would stop every Ray on
+the two `ray start --block` processes and their process groups, never by the `ray` CLI's stop command (that would stop every Ray on
 the machine).
 """
 from __future__ import annotations
