@@ -138,6 +138,15 @@ class TrialRuns(Callback):
                                "failure_reason": ""}
         log_params(self.client, run.info.run_id, trial.config)
 
+    def reattach(self, child: Any) -> None:
+        """Take back a child run (an MLflow Run) of a resumed search, with the status it ended in, if it did."""
+        tags = child.data.tags
+        status = {"FINISHED": "pruned" if tags.get("stopped_by") == "scheduler" else "finished",
+                  "FAILED": "failed"}.get(child.info.status, "running")
+        self.runs[tags["trial_id"]] = child.info.run_id
+        self.trials[int(tags["trial_number"])] = {"trial_id": tags["trial_id"], "run_id": child.info.run_id,
+                                                  "status": status, "failure_reason": tags.get("failure_reason", "")}
+
     def ended(self, trial: Any) -> bool:
         """Whether the trial's child run has ended already (a resumed search re-reports such a trial once)."""
         return self.trials.get(trial.config.get("trial_number"), {}).get("status", "running") != "running"
@@ -254,6 +263,14 @@ def optuna_figures(table: pd.DataFrame, space: Any, metric: str, mode: str) -> d
     return figs
 
 
+def best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The trials-table row with the best `best_<metric>` (None when no trial reported it)."""
+    scores = table[f"best_{metric}"].dropna()
+    if scores.empty:
+        return None
+    return table.loc[scores.idxmax() if mode == "max" else scores.idxmin()]
+
+
 def log_search_summary(client: MlflowClient, parent: str, table: pd.DataFrame, space: Any, metric: str,
                        mode: str) -> None:
     """On the parent run: the trials table (CSV), Optuna plots, the best metric and which trial reached it."""
@@ -266,9 +283,8 @@ def log_search_summary(client: MlflowClient, parent: str, table: pd.DataFrame, s
         log_figures(client, parent, optuna_figures(table, space, metric, mode))
     counts = table["status"].value_counts()
     metrics = {f"trials_{s}": float(counts.get(s, 0)) for s in ("finished", "pruned", "failed")}
-    best = table[f"best_{metric}"]
-    if best.notna().any():
-        row = table.loc[best.idxmax() if mode == "max" else best.idxmin()]
+    row = best_row(table, metric, mode)
+    if row is not None:
         metrics[f"best_{metric}"] = float(row[f"best_{metric}"])
         client.set_tag(parent, "best_trial_number", str(row["trial_number"]))
         client.set_tag(parent, "best_run_id", row["run_id"])

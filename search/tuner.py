@@ -53,11 +53,7 @@ class SearchResult:
 
     @property
     def best(self) -> pd.Series | None:
-        scored = self.table[self.table[f"best_{self.metric}"].notna()]
-        if scored.empty:
-            return None
-        col = scored[f"best_{self.metric}"]
-        return scored.loc[col.idxmax() if self.mode == "max" else col.idxmin()]
+        return tracking.best_row(self.table, self.metric, self.mode)
 
     def ui_url(self, port: int = 5000) -> str:
         return tracking.ui_url(self.tracking_uri, self.experiment_id, port=port)
@@ -398,16 +394,10 @@ def resume_search(search: str, tracking_uri: str | None = None) -> SearchResult:
         runs = tuner._local_tuner.get_run_config().callbacks[0]  # the search's TrialRuns, restored with the Tuner
         runs.client = client
         for child in children:
-            tags = child.data.tags
-            if tags["trial_id"] not in known:
+            if child.data.tags["trial_id"] in known:
+                runs.reattach(child)
+            else:
                 client.delete_run(child.info.run_id)
-                continue
-            status = {"FINISHED": "pruned" if tags.get("stopped_by") == "scheduler" else "finished",
-                      "FAILED": "failed"}.get(child.info.status, "running")
-            runs.runs[tags["trial_id"]] = child.info.run_id
-            runs.trials[int(tags["trial_number"])] = {"trial_id": tags["trial_id"], "run_id": child.info.run_id,
-                                                      "status": status,
-                                                      "failure_reason": tags.get("failure_reason", "")}
         result = SearchResult(name, parent, run.info.experiment_id, uri, metric, mode, pd.DataFrame(),
                               Path(args["storage"]))
         return _fit(tuner, runs, result, client, space, args["task"], args["target"], args["top_k"],
