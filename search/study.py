@@ -272,7 +272,9 @@ def finished_search(client: Any, experiment_id: str, key: str) -> Any | None:
 
 def best_trial(client: Any, experiment_id: str, search_run_id: str, metric: str) -> dict | None:
     """The best trial of a search (by best_<metric>) and every metric it reported at its best epoch."""
-    maximise = metric.endswith("auc")
+    from search.promote import metric_mode
+
+    maximise = metric_mode(metric) == "max"
     runs = [r for r in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{search_run_id}'")
             if f"best_{metric}" in r.data.metrics]
     if not runs:
