@@ -49,7 +49,7 @@ Report = Callable[[dict, "Path | None"], None]
 DEFAULTS = {"task": "classification", "target": None, "half": None, "single_label": True, "approach": "baseline",
             "arch": "inception1d", "norm": "zscore", "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64,
             "schedule": "constant", "max_epochs": 10, "patience": 3, "seed": 0, "threads": 1, "trial_number": 0,
-            "fault": None, "freeze_depth": 0, "pretrained_lr_mult": 1.0}
+            "fault": None, "freeze_depth": 0, "pretrained_lr_mult": 1.0, "rows": None}
 NORM_FIT_ROWS = 512  # rows of the training split that fit the "global" normalisation
 
 
@@ -119,6 +119,8 @@ def load_splits(config: dict, device: torch.device) -> tuple[PreparedDataset, Sp
         raise InputError(f"unknown task {task!r}; choose classification or regression")
     single = bool(config["single_label"]) and task == "classification"
     rows = {s: ds.select(s, config["half"], single, target) for s in ("train", "val")}
+    if config["rows"]:  # explicit row sets (the study's cross-fitting): {"train": [...], "val": [...]}
+        rows = {s: np.asarray(config["rows"][s], dtype=np.int64) for s in ("train", "val")}
     for s, r in rows.items():
         if len(r) < 2:
             where = f" in half {config['half']}" if config["half"] else ""
@@ -151,6 +153,8 @@ def build_model(config: dict, ds: PreparedDataset, pretrained: dict | None) -> t
                              **hparams)
         if config["norm"] == "global":  # from the half's training rows, labelled or not: every target pretrained
             rows = ds.select("train", config["half"])  # on one source gets the same scale (fused transfer needs it)
+            if config["rows"]:  # explicit rows: fitted on those training rows only
+                rows = np.asarray(config["rows"]["train"], dtype=np.int64)
             pick = np.random.default_rng(0).permutation(len(rows))[:NORM_FIT_ROWS]
             model.norm.fit(ds.signals[rows[np.sort(pick)]])
         return model
