@@ -1,10 +1,14 @@
 """Evaluation metrics as plain functions of numpy arrays, shared by the trainer and the study's evaluation.
 
-Classification labels are class indices (n,) or multi-hot (n, k); scores are (n, k) probabilities.
+Classification labels are class indices (n,) or multi-hot (n, k); scores are (n, k) probabilities. Multi-hot labels
+make the calibration metrics (nll, brier, ece) score each class's probability as its own binary prediction.
 """
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import brier_score_loss, log_loss
+
+ECE_BINS = 15
 
 
 def one_hot(y: np.ndarray, k: int) -> np.ndarray:
@@ -45,6 +49,12 @@ def macro_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
 
 
+def auc_classes(y_true: np.ndarray, k: int) -> int:
+    """How many of the k classes `macro_auc` averages over: those with both positives and negatives in `y_true`."""
+    positives = one_hot(y_true, k).sum(0)
+    return int(((positives > 0) & (positives < len(y_true))).sum())
+
+
 def predict(y_score: np.ndarray, multi_label: bool = False) -> np.ndarray:
     """Hard predictions: argmax (single-label) or 0/1 at probability 0.5 (multi-label)."""
     return (y_score >= 0.5).astype(np.int64) if multi_label else y_score.argmax(1)
@@ -70,3 +80,38 @@ def f1_per_class(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
 def mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean absolute error, in the units of the inputs."""
     return float(np.mean(np.abs(np.asarray(y_pred, dtype=np.float64) - np.asarray(y_true, dtype=np.float64))))
+
+
+def nll(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Negative log-likelihood (log loss, natural log) per row; for multi-hot labels the mean binary log loss of the
+    k classes."""
+    k = y_score.shape[1]
+    if np.ndim(y_true) == 2:
+        return float(np.mean([log_loss(y_true[:, c], y_score[:, c], labels=[0, 1]) for c in range(k)]))
+    return float(log_loss(y_true, y_score, labels=list(range(k))))
+
+
+def brier(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Multi-class Brier score: the mean over rows of the squared distance between the probabilities and the
+    one-hot (or multi-hot) truth, summed over classes (0 = perfect, 2 = worst)."""
+    k = y_score.shape[1]
+    if np.ndim(y_true) == 2:
+        return float(sum(brier_score_loss(y_true[:, c], y_score[:, c], labels=[0, 1]) for c in range(k)))
+    return float(brier_score_loss(y_true, y_score, labels=list(range(k)), scale_by_half=False))
+
+
+def ece(y_true: np.ndarray, y_score: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: rows binned into `bins` equal-width bins of [0, 1] by their top probability (the
+    confidence of their argmax prediction), the row-weighted mean of |accuracy - mean confidence| over the bins
+    (Guo et al. 2017). Multi-hot labels: the mean over classes of that class's binary ECE (bins of its
+    probability, |fraction positive - mean probability|)."""
+    if np.ndim(y_true) == 2:
+        return float(np.mean([_binned_gap(y_score[:, c], y_true[:, c], bins) for c in range(y_score.shape[1])]))
+    return _binned_gap(y_score.max(1), y_score.argmax(1) == y_true, bins)
+
+
+def _binned_gap(confidence: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> float:
+    """sum over equal-width bins of (rows in bin / n) * |mean outcome - mean confidence| in that bin."""
+    which = np.clip((np.asarray(confidence) * bins).astype(np.int64), 0, bins - 1)  # 1.0 falls in the last bin
+    gap = np.bincount(which, np.asarray(outcome, np.float64) - confidence, minlength=bins)
+    return float(np.abs(gap).sum() / len(confidence))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, roc_auc_score
 
-from search.metrics import accuracy, binary_auc, f1_per_class, macro_auc, mae, per_class_auc
+from search.metrics import (accuracy, auc_classes, binary_auc, brier, ece, f1_per_class, macro_auc, mae, nll,
+                            per_class_auc)
 
 
 @pytest.fixture
@@ -46,3 +47,36 @@ def test_multi_hot_labels(scored: tuple[np.ndarray, np.ndarray]) -> None:
 def test_mae_in_units() -> None:
     y, p = np.array([60.0, 80.0, 100.0]), np.array([62.0, 77.0, 100.0])
     assert mae(y, p) == pytest.approx(mean_absolute_error(y, p)) == pytest.approx(5 / 3)
+
+
+def test_auc_classes_counts_the_classes_macro_auc_covers(scored: tuple[np.ndarray, np.ndarray]) -> None:
+    y, _ = scored
+    assert auc_classes(y, 5) == 5
+    assert auc_classes(y[y != 4], 5) == 4
+    assert auc_classes(np.zeros(10, int), 5) == 0  # NORM only: no class has both positives and negatives
+
+
+def test_nll_and_brier_equal_their_definitions(scored: tuple[np.ndarray, np.ndarray]) -> None:
+    y, s = scored
+    truth = np.eye(5)[y]
+    assert nll(y, s) == pytest.approx(-np.log(s[np.arange(len(y)), y]).mean())
+    assert brier(y, s) == pytest.approx(((s - truth) ** 2).sum(1).mean())
+    assert nll(y[:3], s[:3]) == pytest.approx(-np.log(s[np.arange(3), y[:3]]).mean())  # classes absent: still 5
+    multi = truth.astype(int)
+    multi[::7, 2] = 1
+    s = np.clip(s, 0.01, 0.99)  # the rounded class has zeros, whose log sklearn clips
+    assert nll(multi, s) == pytest.approx(-(multi * np.log(s) + (1 - multi) * np.log(1 - s)).mean())
+    assert brier(multi, s) == pytest.approx(((s - multi) ** 2).sum(1).mean())
+
+
+def test_ece_is_zero_for_calibrated_confidence_and_the_gap_for_overconfidence() -> None:
+    rng = np.random.default_rng(1)
+    n = 200_000
+    conf = rng.uniform(0.2, 1.0, n)  # top probability; the rest spread over the other 4 classes
+    s = np.column_stack([conf, *([(1 - conf) / 4] * 4)])
+    correct = rng.random(n) < conf  # right exactly as often as it claims
+    y = np.where(correct, 0, 1 + rng.integers(0, 4, n))
+    assert ece(y, s) < 0.005
+    assert ece(np.where(rng.random(n) < conf - 0.1, 0, 1), s) == pytest.approx(0.1, abs=0.005)  # 10 points overconfident
+    one = np.array([[0.95, 0.05, 0, 0, 0], [0.6, 0.4, 0, 0, 0]])
+    assert ece(np.array([0, 1]), one, bins=15) == pytest.approx((abs(1 - 0.95) + abs(0 - 0.6)) / 2)
