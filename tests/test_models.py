@@ -7,7 +7,7 @@ import torch
 from ecgmodels import NORMALISATIONS, create_model, default_hparams, list_models
 from ecgmodels.normalize import Normalise
 
-ARCHS = ["cnn1d", "inception1d", "lstm", "resnet1d", "vit1d"]
+ARCHS = ["cnn1d", "inception1d", "lstm", "resnet1d", "rnn", "vit1d"]
 
 
 def test_zoo_lists_every_architecture():
