@@ -50,13 +50,23 @@ def resolve_task(task: str, n_outputs: int | None) -> int:
 
 
 class _HeadedModel(nn.Module):
-    """Doors shared by both shapes: forward = forward_head(features), a replaceable head, freezing-aware train()."""
+    """Doors shared by both shapes: forward = forward_head(features), a replaceable head, freezing-aware train().
+
+    The head's outputs are divided by the ``temperature`` buffer (1 until ``calibration.set_temperature``), so the
+    logits every caller sees are the calibrated ones; it travels in the state dict like the normalisation, and a
+    state dict saved before it existed loads with temperature 1.
+    """
     config: dict
     num_features: int
     frozen: int = 0  # set by transfer.freeze: the first `frozen` stages of every backbone are frozen
 
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("temperature", torch.ones(()))
+        self.register_load_state_dict_pre_hook(_default_temperature)
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+        return self.head(features) / self.temperature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.features(x))
@@ -68,6 +78,7 @@ class _HeadedModel(nn.Module):
         device = next(self.parameters()).device
         self.head = make_head(self.num_features, n_outputs, self.config["hparams"]["head_dropout"]).to(device)
         self.head.train(self.training)
+        self.temperature.fill_(1.0)  # a new head is not calibrated
         self.config.update(task=task, n_outputs=n_outputs)
 
     def train(self, mode: bool = True) -> "_HeadedModel":
@@ -76,6 +87,11 @@ class _HeadedModel(nn.Module):
             for stage in backbone[:self.frozen]:
                 stage.eval()  # frozen stages keep their BatchNorm statistics (and run dropout-free)
         return self
+
+
+def _default_temperature(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: a state dict from before the temperature buffer gets temperature 1."""
+    state_dict.setdefault(prefix + "temperature", torch.ones(()))
 
 
 class ECGModel(_HeadedModel):
