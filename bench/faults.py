@@ -77,9 +77,10 @@ def search_args(data: Path, work: Path, uri: str, trials: int, epochs: int) -> l
 
 def in_process_search(data: Path, work: Path, uri: str, trials: int, epochs: int, fault: dict | None) -> float:
     """run_search in a fresh interpreter (with max_failures 1 and an optional fault); its wall time."""
-    code = (f"from search.tuner import run_search; run_search({str(data)!r}, 'classification', num_samples={trials}, "
+    code = (f"from search.spec import SearchSpec; from search.tuner import run_search; "
+            f"run_search(SearchSpec({str(data)!r}, 'classification', num_samples={trials}, "
             f"max_epochs={epochs}, config={str(work / 'space.yaml')!r}, tracking_uri={uri!r}, "
-            f"storage_path={str(work / 'ray')!r}, seed=1, max_failures=1, fault={fault!r})")
+            f"storage_path={str(work / 'ray')!r}, seed=1, max_failures=1, fault={fault!r}))")
     (work / "space.yaml").write_text(SPACE)
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)

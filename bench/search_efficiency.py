@@ -13,6 +13,7 @@ import numpy as np
 import ray
 
 from data_prep.ptbxl import prepare_ptbxl
+from search.spec import SearchSpec
 from search.tuner import run_search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +33,10 @@ def main() -> None:
         for seed in args.seeds:
             for method, kw in METHODS.items():
                 start = time.perf_counter()
-                result = run_search(data, "classification", num_samples=1000, max_epochs=args.max_epochs,
+                result = run_search(SearchSpec(data, "classification", num_samples=1000, max_epochs=args.max_epochs,
                                     time_budget_s=args.budget, config=REPO / "configs" / "demo.yaml", seed=seed,
                                     tracking_uri=f"sqlite:///{Path(tmp) / 'mlflow.db'}", storage_path=Path(tmp),
-                                    name=f"{kw['sampler']}-{kw['asha']}-{seed}", top_k=0, **kw)
+                                    name=f"{kw['sampler']}-{kw['asha']}-{seed}", top_k=0, **kw))
                 t = result.table
                 rows.append((method, seed, t["best_val_auc"].max(), len(t), int(t["epochs"].sum()),
                              int((t["status"] == "pruned").sum()), time.perf_counter() - start))

@@ -16,6 +16,7 @@ import ray
 
 from data_prep.ptbxl import prepare_ptbxl
 from search.trainable import run_trial
+from search.spec import SearchSpec
 from search.tuner import run_search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +41,9 @@ def plain(data: Path, trials: int, epochs: int, threads: int) -> float:
 
 def tuned(data: Path, trials: int, epochs: int, concurrent: int, cpus: int, tmp: Path) -> float:
     start = time.perf_counter()
-    run_search(data, "classification", num_samples=trials, max_epochs=epochs, space_overrides=FIXED, asha=False,
+    run_search(SearchSpec(data, "classification", num_samples=trials, max_epochs=epochs, space_overrides=FIXED, asha=False,
                max_concurrent=concurrent, cpus_per_trial=cpus, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
-               storage_path=tmp / "ray", name=f"overhead-{concurrent}x{cpus}")
+               storage_path=tmp / "ray", name=f"overhead-{concurrent}x{cpus}"))
     return time.perf_counter() - start
 
 

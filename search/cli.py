@@ -5,8 +5,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_prep.errors import InputError
+from search.errors import SearchFailed
+
+if TYPE_CHECKING:
+    from search.spec import SearchSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO_ROOT / "sample_data"
@@ -42,15 +47,16 @@ def _demo(args: argparse.Namespace) -> int:
     from data_prep.deepfake import prepare_deepfake
     from data_prep.ptbxl import prepare_ptbxl
     from search.promote import promote
+    from search.spec import SearchSpec
     from search.tuner import run_search
 
     workdir = Path(args.workdir)
     ptbxl = prepare_ptbxl(SAMPLE_DATA / "ptbxl", workdir / "ptbxl-100", rate=100)
     print(describe(ptbxl))
     print(describe(prepare_deepfake(workdir / "deepfake-300", count=300, seed=0, rate=100)))
-    result = run_search(ptbxl, "classification", num_samples=args.num_samples, max_epochs=args.max_epochs,
-                        config=REPO_ROOT / "configs" / "demo.yaml", max_concurrent=2, cpus_per_trial=1,
-                        tracking_uri=args.tracking_uri, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = run_search(SearchSpec(ptbxl, "classification", num_samples=args.num_samples, max_epochs=args.max_epochs,
+                                   config=REPO_ROOT / "configs" / "demo.yaml", max_concurrent=2, cpus_per_trial=1,
+                                   tracking_uri=args.tracking_uri, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}"))
     print(promote(result.parent_run_id, "ecgsearch-demo", metric="val_auc", tracking_uri=result.tracking_uri).message)
     print(result.summary())
     return 0
@@ -84,17 +90,25 @@ def _pairs(items: list[str]) -> dict[str, str]:
     return pairs
 
 
+def search_spec(args: argparse.Namespace) -> SearchSpec:
+    """The SearchSpec of `ecgsearch search`'s arguments."""
+    from search.spec import SearchSpec
+
+    return SearchSpec(
+        args.data, args.task, target=args.target, approach=args.approach, pretrained=_pairs(args.pretrained),
+        half=args.half, num_samples=args.num_samples, config=args.config, max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, time_budget_s=args.time_budget,
+        max_epochs=args.max_epochs, address=args.address, tracking_uri=args.tracking_uri, name=args.name,
+        storage_path=args.storage_path, seed=args.seed, sampler=args.sampler, n_startup_trials=args.startup_trials,
+        asha=not args.no_asha, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        max_failures=args.max_failures, top_k=args.top_k, optuna_storage=args.optuna_storage, cv=args.cv,
+        warm_start=tuple(args.warm_start), fidelity=args.fidelity)
+
+
 def _search(args: argparse.Namespace) -> int:
     from search.tuner import run_search
 
-    result = run_search(args.data, args.task, target=args.target, approach=args.approach,
-                        pretrained=_pairs(args.pretrained), half=args.half, num_samples=args.num_samples,
-                        config=args.config, max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
-                        gpus_per_trial=args.gpus_per_trial, time_budget_s=args.time_budget, max_epochs=args.max_epochs,
-                        address=args.address, tracking_uri=args.tracking_uri, name=args.name,
-                        storage_path=args.storage_path, seed=args.seed, max_failures=args.max_failures,
-                        optuna_storage=args.optuna_storage)
-    print(result.summary())
+    print(run_search(search_spec(args)).summary())
     return 0
 
 
@@ -197,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--optuna-storage", default=None,
                         help="database for the Optuna study, e.g. the MLflow postgresql://... URI")
+    search.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="Optuna sampler")
+    search.add_argument("--startup-trials", type=int, default=None, metavar="N",
+                        help="random trials before TPE narrows (default: 4 per architecture choice, at least 10)")
+    search.add_argument("--no-asha", action="store_true", help="run every trial to --max-epochs (no early stopping)")
+    search.add_argument("--grace-period", type=int, default=None, metavar="EPOCHS",
+                        help="ASHA judges a trial first after this many epochs (default 3, at most --max-epochs)")
+    search.add_argument("--reduction-factor", type=int, default=2,
+                        help="ASHA keeps 1 in this many trials at each rung (grace x factor^k epochs)")
+    search.add_argument("--cv", type=int, default=1, metavar="K",
+                        help="score each trial by K patient-grouped folds of the train+val rows (small data)")
+    search.add_argument("--top-k", type=int, default=3, help="trials whose checkpoint and plots are logged")
+    search.add_argument("--warm-start", nargs="*", default=[], metavar="SEARCH",
+                        help="start from the finished trials of these earlier searches (names or run ids)")
+    search.add_argument("--fidelity", choices=("rate",), default=None,
+                        help="rate: judge configurations at 100 Hz first, retrain the best at 500 Hz")
     search.set_defaults(func=_search)
 
     resume = sub.add_parser("resume", help="finish a search whose driver was killed or interrupted (Ctrl-C)")
@@ -240,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"ecgsearch: error: {e}", file=sys.stderr)
         return 2
+    except SearchFailed as e:
+        print(f"ecgsearch: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # a search says how to resume it
         print(f"ecgsearch: {e or 'interrupted'}", file=sys.stderr)
         return 130

@@ -428,18 +428,19 @@ def _study_run(client: Any, experiment_id: str, cfg: dict, config: str | Path) -
 
 def _run_search(s: Search, cfg: dict, datasets: dict[str, Path], uri: str, study_run: str, runs: dict,
                 work: Path) -> Any:
+    from search.spec import SearchSpec
     from search.tuner import run_search
 
     pretrained = {t: f"models:/{runs_model(runs[n])}" for t, n in s.pretrained.items()}
     res = cfg["resources"]
-    result = run_search(
+    result = run_search(SearchSpec(
         datasets[s.dataset], s.task, target=s.target, approach=s.approach, pretrained=pretrained, half=s.half,
         num_samples=s.num_samples, space_overrides=s.space, max_epochs=s.max_epochs, tracking_uri=uri,
         name=f"{s.name}-{s.key}", storage_path=work / "ray_results", seed=cfg["seed"],
         max_concurrent=res["max_concurrent"], cpus_per_trial=res["cpus_per_trial"],
         gpus_per_trial=res["gpus_per_trial"], experiment=cfg["experiment"], single_label=cfg["single_label"],
         parent_run_id=study_run, tags={f"{TAG}search_key": s.key, f"{TAG}stage": s.stage,
-                                       f"{TAG}name": cfg["name"], f"{TAG}source": s.source})
+                                       f"{TAG}name": cfg["name"], f"{TAG}source": s.source}))
     from mlflow import MlflowClient
 
     return MlflowClient(uri).get_run(result.parent_run_id)

@@ -141,7 +141,7 @@ class TrialRuns(Callback):
     def reattach(self, child: Any) -> None:
         """Take back a child run (an MLflow Run) of a resumed search, with the status it ended in, if it did."""
         tags = child.data.tags
-        status = {"FINISHED": "pruned" if tags.get("stopped_by") == "scheduler" else "finished",
+        status = {"FINISHED": {"scheduler": "pruned", "time_budget": "budget"}.get(tags.get("stopped_by"), "finished"),
                   "FAILED": "failed"}.get(child.info.status, "running")
         self.runs[tags["trial_id"]] = child.info.run_id
         self.trials[int(tags["trial_number"])] = {"trial_id": tags["trial_id"], "run_id": child.info.run_id,
@@ -168,6 +168,15 @@ class TrialRuns(Callback):
         self.client.set_tag(run, "stopped_by", "scheduler" if pruned else "trainer")
         self.client.set_terminated(run, "FINISHED")
         self._progress(trial, "stopped early by ASHA" if pruned else "finished")
+
+    def stop_by_budget(self, number: int) -> None:
+        """End the child run of a trial that was still running when the search's time budget ran out."""
+        record = self.trials.get(number)
+        if record is None or record["status"] != "running":
+            return
+        record["status"] = "budget"
+        self.client.set_tag(record["run_id"], "stopped_by", "time_budget")
+        self.client.set_terminated(record["run_id"], "FINISHED")
 
     def _progress(self, trial: Any, what: str) -> None:
         """One line per ended trial (Ray's own output is turned off)."""

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from search.cli import main
 from search.optuna_storage import open_optuna_storage
 from search.server import start_server
+from search.spec import SearchSpec
 from search.tuner import run_search
 from cluster_fixtures import free_port, postgres_uri, two_node_cluster  # noqa: F401 (fixtures)
 from search_fixtures import small_ptbxl  # noqa: F401 (fixture)
@@ -91,9 +92,9 @@ def trial_nodes(storage: Path) -> dict[int, str]:
 def test_search_on_two_nodes_logs_every_trial_and_the_study_to_postgres(two_node_cluster, postgres_uri, small_ptbxl, tmp_path):
     server = start_server(postgres_uri, tmp_path / "artifacts", port=free_port())
     try:
-        result = run_search(small_ptbxl, "classification", num_samples=4, max_epochs=4, max_concurrent=2,
+        result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=4, max_epochs=4, max_concurrent=2,
                             asha=False, space_overrides=SPACE, address=two_node_cluster.address, tracking_uri=server.url,
-                            storage_path=tmp_path / "ray_results", top_k=4, seed=1, optuna_storage=postgres_uri)
+                            storage_path=tmp_path / "ray_results", top_k=4, seed=1, optuna_storage=postgres_uri))
         nodes = trial_nodes(result.storage)
         assert sorted(nodes) == [0, 1, 2, 3]
         assert set(nodes.values()) == set(two_node_cluster.node_ips), nodes  # on the head and on the worker

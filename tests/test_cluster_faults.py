@@ -53,10 +53,11 @@ def test_worker_node_killed_mid_trial_its_trial_finishes_on_the_head(two_node_cl
     thread.start()
     # the driver in a fresh process: one that ran a local Ray before (token auth) gets every actor cancelled here
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    code = (f"from search.tuner import run_search; run_search({str(small_ptbxl)!r}, 'classification', num_samples=3, "
+    code = (f"from search.spec import SearchSpec; from search.tuner import run_search; "
+            f"run_search(SearchSpec({str(small_ptbxl)!r}, 'classification', num_samples=3, "
             f"max_epochs=4, max_concurrent=2, asha=False, space_overrides={SPACE!r}, "
             f"address={two_node_cluster.address!r}, tracking_uri={uri!r}, storage_path={str(storage)!r}, "
-            f"max_failures=2, seed=1, top_k=1, name='nodes')")
+            f"max_failures=2, seed=1, top_k=1, name='nodes'))")
     t0 = time.monotonic()
     driver = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
                             env=dict(os.environ, RAY_AUTH_MODE="disabled"))

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.samplers import TPESampler
 
 from search.cli import main
+from search.spec import SearchSpec
 from search.tuner import run_search
 from search_fixtures import local_ray, small_ptbxl  # noqa: F401 (fixtures)
 
@@ -128,9 +129,9 @@ def test_a_killed_trial_process_is_retried_from_its_checkpoint(local_ray, small_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     t0 = time.monotonic()
     # trial 0's process exits at epoch 2 of its first attempt: retried from its epoch-1 checkpoint
-    result = run_search(small_ptbxl, "classification", num_samples=2, max_epochs=3, space_overrides=TINY,
+    result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=2, max_epochs=3, space_overrides=TINY,
                         asha=False, tracking_uri=uri, storage_path=tmp_path / "ray", max_failures=1,
-                        fault={"trials": [0], "epoch": 2, "kind": "exit"})
+                        fault={"trials": [0], "epoch": 2, "kind": "exit"}))
     crashed = time.monotonic() - t0
     client = MlflowClient(uri)
     runs = children(client, client.get_run(result.parent_run_id))
@@ -140,9 +141,9 @@ def test_a_killed_trial_process_is_retried_from_its_checkpoint(local_ray, small_
 
     # a trial whose process dies at epoch 1 every time: FAILED with its reason after the retry, the other finishes
     t0 = time.monotonic()
-    result = run_search(small_ptbxl, "classification", num_samples=2, max_epochs=1, space_overrides=TINY,
+    result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=2, max_epochs=1, space_overrides=TINY,
                         asha=False, tracking_uri=uri, storage_path=tmp_path / "ray", max_failures=1,
-                        fault={"trials": [1], "epoch": 1, "kind": "exit"})
+                        fault={"trials": [1], "epoch": 1, "kind": "exit"}))
     runs = children(client, client.get_run(result.parent_run_id))
     assert runs[0].info.status == "FINISHED" and runs[1].info.status == "FAILED"
     reason = runs[1].data.tags["failure_reason"]

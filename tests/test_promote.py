@@ -21,6 +21,7 @@ from data_prep.dataset import open_dataset
 from ecgmodels import load_checkpoint
 from search.cli import main
 from search.promote import promote
+from search.spec import SearchSpec
 from search.tuner import SearchResult, run_search
 from search_fixtures import local_ray, small_ptbxl  # noqa: F401 (fixtures)
 
@@ -37,8 +38,8 @@ def searches(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFact
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     found = {}
     for name, lr, epochs in (("weak", 1e-6, 1), ("strong", 3e-3, 4)):
-        found[name] = run_search(small_ptbxl, "classification", num_samples=2, max_epochs=epochs, tracking_uri=uri,
-                                 space_overrides={**TINY, "lr": lr}, storage_path=tmp / "ray", name=name, top_k=1)
+        found[name] = run_search(SearchSpec(small_ptbxl, "classification", num_samples=2, max_epochs=epochs, tracking_uri=uri,
+                                 space_overrides={**TINY, "lr": lr}, storage_path=tmp / "ray", name=name, top_k=1))
     assert found["strong"].best["best_val_auc"] > found["weak"].best["best_val_auc"]  # the premise of the test
     return uri, found
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from search.spec import SearchSpec
 from search.tuner import SearchResult, run_search
 from search_fixtures import local_ray, small_ptbxl, store  # noqa: F401 (fixtures)
 
@@ -19,9 +20,9 @@ def search(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactor
     """8 tiny trials of 4 epochs, 2 at a time under ASHA; trial 1 raises at its first epoch."""
     tmp = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    result = run_search(small_ptbxl, "classification", num_samples=8, max_epochs=4, space_overrides=TINY,
+    result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=8, max_epochs=4, space_overrides=TINY,
                         tracking_uri=uri, storage_path=tmp / "ray", name="tiny", seed=1,
-                        fault={"trials": [1], "epoch": 1, "kind": "raise"})
+                        fault={"trials": [1], "epoch": 1, "kind": "raise"}))
     return result, uri
 
 
@@ -93,8 +94,8 @@ def test_artifacts_on_the_top_trials_and_the_search(search: tuple[SearchResult, 
 
 
 def test_regression_search_plots_predicted_vs_true(local_ray, small_ptbxl: Path, store: str, tmp_path: Path) -> None:
-    result = run_search(small_ptbxl, "regression", target="qrs", num_samples=2, max_epochs=1, space_overrides=TINY,
-                        tracking_uri=store, storage_path=tmp_path / "ray", top_k=1)
+    result = run_search(SearchSpec(small_ptbxl, "regression", target="qrs", num_samples=2, max_epochs=1, space_overrides=TINY,
+                        tracking_uri=store, storage_path=tmp_path / "ray", top_k=1))
     assert result.metric == "val_mae" and result.best["best_val_mae"] > 0
     names = {a.path for a in MlflowClient(store).list_artifacts(result.best["run_id"])}
     assert {"model.pt", "predicted_vs_true.png"} <= names

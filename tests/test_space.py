@@ -14,6 +14,7 @@ from ecgmodels import create_model, default_hparams, save_checkpoint
 from search_fixtures import small_ptbxl  # noqa: F401 (fixture)
 from search.cli import main
 from search.space import SearchSpace, load_space_config
+from search.spec import SearchSpec
 from search.tuner import run_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -98,8 +99,8 @@ def test_bad_space_fails_before_ray_starts(small_ptbxl: Path, tmp_path: Path) ->
     import ray
 
     with pytest.raises(InputError, match="inverted"):
-        run_search(small_ptbxl, "classification", num_samples=1, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-                   space_overrides={"lr": {"low": 1.0, "high": 0.1}}, storage_path=tmp_path)
+        run_search(SearchSpec(small_ptbxl, "classification", num_samples=1, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                   space_overrides={"lr": {"low": 1.0, "high": 0.1}}, storage_path=tmp_path))
     assert not ray.is_initialized()
 
 
@@ -145,6 +146,6 @@ def test_bad_inputs_fail_before_ray_starts(case: str, small_ptbxl: Path, asc_dir
         kw.update(approach="single", pretrained={"qrs": str(tmp_path)})
         words = "x 5000 samples" if length == 5000 else "trained on 'hr'"
     with pytest.raises(InputError, match=words) as err:
-        run_search(num_samples=1, **kw)
+        run_search(SearchSpec(num_samples=1, **kw))
     assert "\n" not in str(err.value)
     assert not ray.is_initialized()

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from cluster_fixtures import free_port
 from search.server import start_server
+from search.spec import SearchSpec
 from search.tuner import run_search
 from search_fixtures import local_ray, small_ptbxl  # noqa: F401 (fixtures)
 
@@ -44,8 +45,8 @@ def test_server_down_for_20_s_mid_search_loses_no_metric(local_ray, small_ptbxl:
     try:
         thread.start()
         t0 = time.monotonic()
-        result = run_search(small_ptbxl, "classification", num_samples=3, max_epochs=3, space_overrides=TINY,
-                            asha=False, tracking_uri=servers[0].url, storage_path=tmp_path / "ray", top_k=1)
+        result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=3, max_epochs=3, space_overrides=TINY,
+                            asha=False, tracking_uri=servers[0].url, storage_path=tmp_path / "ray", top_k=1))
         wall = time.monotonic() - t0
         thread.join(60)
         assert outage["up"] - outage["down"] >= OUTAGE_S and outage["down"] - t0 < wall  # it was down mid-search
