@@ -1,5 +1,5 @@
-"""Checkpoints: the model's JSON-able config, its state dict (normalisation buffer included) and caller extras,
-loaded with ``torch.load(weights_only=True)``."""
+"""Checkpoints: the model's JSON-able config, its state dict (normalisation and temperature buffers included) and
+caller extras, loaded with ``torch.load(weights_only=True)``; an Ensemble's holds its members'."""
 from __future__ import annotations
 
 import os
@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from .ensemble import Ensemble
 from .model import ECGModel, FusedModel
 from .registry import create_model
 from .transfer import freeze
 
-Model = ECGModel | FusedModel
+Model = ECGModel | FusedModel | Ensemble
 
 
 def save_checkpoint(model: Model, path: str | Path, extra: dict | None = None) -> None:
@@ -34,6 +35,8 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def build(config: dict) -> Model:
     """A freshly initialised model of this config (a model's ``config`` or a checkpoint's)."""
+    if config["name"] == "ensemble":
+        return Ensemble([build(c) for c in config["members"]], config["weights"], config["multi_label"])
     if config["name"] == "fused":
         sources = {k: build(c) for k, c in config["backbones"].items()}
         return FusedModel(sources, config["n_outputs"], config["task"], config["hparams"]["head_dropout"])
@@ -42,11 +45,21 @@ def build(config: dict) -> Model:
 
 
 def load_checkpoint(path: str | Path) -> Model:
-    """Rebuild the saved model (ECGModel or FusedModel) with its weights, normalisation and freezing depth."""
+    """Rebuild the saved model (ECGModel, FusedModel or Ensemble) with its weights, normalisation, temperature and
+    freezing depth."""
     ckpt = read_checkpoint(path)
     model = build(ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
-    return freeze(model, ckpt["frozen"])
+    return _refreeze(model, ckpt["frozen"])
+
+
+def _refreeze(model: Model, frozen: int | list) -> Model:
+    """Freeze a model to its saved depth (an ensemble's members each to theirs)."""
+    if isinstance(model, Ensemble):
+        for member, depth in zip(model.members, frozen):
+            _refreeze(member, depth)
+        return model
+    return freeze(model, frozen)
 
 
 def _describe(config: dict) -> str:
