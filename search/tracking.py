@@ -229,7 +229,26 @@ def prediction_plots(predictions: Path, task: str, target: str | None = None) ->
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set_title("validation ROC, one vs rest")
     figs["roc_curves.png"] = fig
+    figs["reliability.png"] = reliability_plot(y, score)
     return figs
+
+
+def reliability_plot(y: np.ndarray, score: np.ndarray) -> plt.Figure:
+    """Reliability diagram of calibrated probabilities: accuracy against confidence of the predicted class
+    (single-label), or fraction positive against probability over every row and class (multi-label), with the ECE."""
+    from sklearn.calibration import CalibrationDisplay
+
+    from search.metrics import ECE_BINS, ece
+
+    if y.ndim == 1:
+        outcome, prob, axis = score.argmax(1) == y, score.max(1), "confidence of the predicted class"
+    else:
+        outcome, prob, axis = y.ravel().astype(bool), score.ravel(), "predicted probability (every class)"
+    fig, ax = plt.subplots(figsize=(5, 5))
+    CalibrationDisplay.from_predictions(outcome, prob, n_bins=ECE_BINS, ax=ax, name="validation")
+    ax.set(xlabel=axis, ylabel="fraction correct" if y.ndim == 1 else "fraction positive",
+           title=f"reliability: ECE {ece(y, score):.3f}, n={len(y)}")
+    return fig
 
 
 def log_figures(client: MlflowClient, run_id: str, figures: dict[str, plt.Figure]) -> None:
