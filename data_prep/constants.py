@@ -5,3 +5,4 @@ CLASSES: tuple[str, ...] = ("NORM", "MI", "STTC", "CD", "HYP")
 TARGETS: tuple[str, ...] = ("hr", "pr", "qrs", "qt")
 TARGET_UNITS: dict[str, str] = {"hr": "bpm", "pr": "ms", "qrs": "ms", "qt": "ms"}
 SIGNAL_UNITS = "mV"
+RECORD_SECONDS = 10  # every record of every source: PTB-XL's and DeepFake's ECGs are 10 s long

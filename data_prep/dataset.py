@@ -7,7 +7,9 @@ A directory holding
                  plus source-specific columns;
   manifest.json  source, rate, leads, units, normalisation, splits, counts, skipped records, cache key, content
                  hash, package versions.
-It is written aside and renamed into place, so a directory that has a manifest is complete.
+It is written aside and renamed into place, so a directory that has a manifest is complete; `open_dataset` checks
+the manifest against the files all the same (a copy can be cut short, a file can be replaced), and `--out` replaces
+only a directory whose manifest says it is a prepared dataset.
 """
 from __future__ import annotations
 
@@ -23,12 +25,16 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from data_prep.constants import CLASSES, LEADS, SIGNAL_UNITS, TARGET_UNITS, TARGETS
+from data_prep.checks import describe_checks
+from data_prep.constants import CLASSES, LEADS, RECORD_SECONDS, SIGNAL_UNITS, TARGET_UNITS, TARGETS
 from data_prep.errors import InputError
 
 SIGNALS, LABELS, MANIFEST = "signals.npy", "labels.parquet", "manifest.json"
 NORMALISATIONS = ("zscore", "minmax", "global")
 FORMAT_VERSION = 1
+KIND = "ecgsearch prepared dataset"  # the manifest's `kind`: what `--out` may replace
+COLUMNS = ("record_id", "patient_id", "half", "split", *CLASSES, "label", *TARGETS)
+MANIFEST_KEYS = ("source", "rate", "leads", "count", "length", "normalisation", "content_hash")
 
 
 @dataclass
@@ -76,20 +82,128 @@ class PreparedDataset:
         return np.flatnonzero(keep)
 
 
-def open_dataset(path: str | Path) -> PreparedDataset:
-    """Open a prepared dataset read-only; a directory that is not one gets an InputError naming it."""
+def open_dataset(path: str | Path, check_hash: bool = False) -> PreparedDataset:
+    """Open a prepared dataset read-only, checked against its manifest: array shape, dtype, rate, length, leads and
+    count, finite samples, the label columns (and the content hash when `check_hash`). A directory that is not one,
+    or not a complete one, is an InputError naming it and how to prepare it again."""
     path = Path(path)
-    if not (path / MANIFEST).is_file():
+    manifest = read_manifest(path)
+    if manifest is None:
         raise InputError(f"{path} is not a prepared dataset (no {MANIFEST}); make one with `ecgsearch data ...`")
-    manifest = json.loads((path / MANIFEST).read_text())
+    if not is_ours(manifest):
+        raise InputError(f"{path} is not a prepared dataset (its {MANIFEST} is not an ecgsearch manifest)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{path}: prepared with format {manifest.get('format_version')}, this ecgsearch reads "
-                         f"{FORMAT_VERSION}; prepare it again")
-    signals = np.load(path / SIGNALS, mmap_mode="r")
-    labels = pd.read_parquet(path / LABELS)
+                         f"{FORMAT_VERSION}; {_again(path, manifest)}")
+    lacking = [k for k in MANIFEST_KEYS if k not in manifest]
+    if lacking:
+        raise _incomplete(path, manifest, f"{MANIFEST} lacks {', '.join(lacking)}")
+    try:
+        signals = np.load(path / SIGNALS, mmap_mode="r")
+    except FileNotFoundError:
+        raise _incomplete(path, manifest, f"no {SIGNALS}") from None
+    except (OSError, ValueError, EOFError) as e:  # cut short, or not an .npy file
+        raise _incomplete(path, manifest, f"{SIGNALS} unreadable: {str(e).splitlines()[0][:120]}") from None
+    if not isinstance(signals, np.memmap):
+        raise _incomplete(path, manifest, f"{SIGNALS} is not an array file")
+    _check_signals(path, manifest, signals)
+    try:
+        labels = pd.read_parquet(path / LABELS)
+    except FileNotFoundError:
+        raise _incomplete(path, manifest, f"no {LABELS}") from None
+    except Exception as e:  # pyarrow's errors for a damaged file are many types; each means the same here
+        raise _incomplete(path, manifest, f"{LABELS} unreadable: {str(e).splitlines()[0][:120]}") from None
+    missing = [c for c in COLUMNS if c not in labels]
+    if missing:
+        raise _incomplete(path, manifest, f"{LABELS} lacks columns {', '.join(missing)}")
     if len(labels) != len(signals):
-        raise InputError(f"{path}: {len(signals)} signals but {len(labels)} label rows; prepare it again")
+        raise _incomplete(path, manifest, f"{len(signals)} signals but {len(labels)} label rows")
+    _check_finite(path, manifest, signals, labels)
+    if check_hash and _content_hash(path) != manifest["content_hash"]:
+        raise InputError(f"{path}: content hash {_content_hash(path)} differs from the manifest's "
+                         f"{manifest['content_hash']} (files changed after preparation); {_again(path, manifest)}")
     return PreparedDataset(path, signals, labels, manifest)
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of a directory; None when it has none or one that is not a JSON object."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):  # absent, a directory, not UTF-8, not JSON
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_ours(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest says it is an ecgsearch prepared dataset (datasets from before `kind` have a cache key
+    and content hash)."""
+    return manifest.get("kind") == KIND or ("kind" not in manifest and "format_version" in manifest
+                                            and {"cache_key", "content_hash"} <= manifest.keys())
+
+
+def check_out(out: Path, *inputs: Path | None) -> None:
+    """`--out` may be a new path, an empty directory or a prepared dataset (which the preparation replaces); an
+    output equal to, inside or around an input, an existing file and any other directory are refused."""
+    target = out.resolve()
+    for given in filter(None, inputs):
+        source = Path(given).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise InputError(f"--out {out} overlaps the input {given}: write the dataset outside it")
+    if out.is_symlink() and not out.exists():
+        raise InputError(f"--out {out} is a broken symbolic link: nothing replaced; choose another --out")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out} is an existing file: nothing replaced; choose a directory path")
+    manifest = read_manifest(out)
+    if any(out.iterdir()) and (manifest is None or not is_ours(manifest)):
+        raise InputError(f"--out {out} exists and is not an ecgsearch prepared dataset: nothing replaced "
+                         "(--out replaces only a prepared dataset); choose a new directory")
+
+
+def _again(path: Path, manifest: dict[str, Any]) -> str:
+    """How to prepare the dataset at `path` again, as far as its manifest tells."""
+    rate = manifest.get("rate", "RATE")
+    if manifest.get("source") == "ptbxl":
+        command = f"ecgsearch data ptbxl --root {manifest.get('root', 'PTBXL_DIR')} --rate {rate}"
+    elif manifest.get("source") == "deepfake" and manifest.get("asc_dir"):
+        command = f"ecgsearch data deepfake --asc-dir {manifest['asc_dir']} --rate {rate}"
+    elif manifest.get("source") == "deepfake":
+        command = f"ecgsearch data deepfake --count {manifest.get('count', 'N')} --rate {rate}"
+    else:
+        command = "ecgsearch data ptbxl|deepfake ..."
+    return f"prepare it again with `{command} --out {path}`"
+
+
+def _incomplete(path: Path, manifest: dict[str, Any], why: str) -> InputError:
+    return InputError(f"{path} is not a complete prepared dataset ({why}): {_again(path, manifest)}")
+
+
+def _check_signals(path: Path, manifest: dict[str, Any], signals: np.ndarray) -> None:
+    """The array against the manifest: (count, leads, length) float32 of ecgsearch's leads, rate x 10 s long."""
+    m = manifest
+    if m["leads"] != list(LEADS):
+        raise _incomplete(path, m, f"manifest leads {m['leads']}, ecgsearch's are {', '.join(LEADS)}")
+    if signals.dtype != np.float32 or signals.ndim != 3:
+        raise _incomplete(path, m, f"{SIGNALS} holds {signals.dtype} {signals.shape}, expected float32 "
+                                   "(records, leads, samples)")
+    expected = (m["count"], len(LEADS), m["length"])
+    if signals.shape != expected:
+        raise _incomplete(path, m, f"{SIGNALS} is {signals.shape}, the manifest says {expected}")
+    if not isinstance(m["rate"], int) or m["rate"] * RECORD_SECONDS != signals.shape[-1]:
+        raise _incomplete(path, m, f"manifest rate {m['rate']!r} Hz does not fit {signals.shape[-1]} samples per "
+                                   f"{RECORD_SECONDS} s record")
+
+
+def _check_finite(path: Path, manifest: dict[str, Any], signals: np.ndarray, labels: pd.DataFrame) -> None:
+    """Every sample finite: the sum of a row is finite exactly when its samples are (float64 cannot overflow on
+    float32 values), so one pass finds the bad rows."""
+    bad = np.concatenate([np.flatnonzero(~np.isfinite(signals[s].sum(axis=(1, 2), dtype=np.float64))) + s.start
+                          for s in _chunks(len(signals))] or [np.zeros(0, dtype=int)])
+    if len(bad):
+        records = ", ".join(str(r) for r in labels["record_id"].iloc[bad[:5]])
+        raise InputError(f"{path}: NaN or infinite samples in {len(bad)} rows (records {records}"
+                         f"{', ...' if len(bad) > 5 else ''}); {_again(path, manifest)}")
 
 
 def cache_key(options: dict[str, Any], files: list[Path] = ()) -> str:
@@ -103,8 +217,8 @@ def cache_key(options: dict[str, Any], files: list[Path] = ()) -> str:
 
 def is_current(out: str | Path, key: str) -> bool:
     """True when `out` is a complete dataset prepared with the same cache key (so it can be reused)."""
-    manifest = Path(out) / MANIFEST
-    return manifest.is_file() and json.loads(manifest.read_text()).get("cache_key") == key
+    manifest = read_manifest(Path(out))
+    return manifest is not None and is_ours(manifest) and manifest.get("cache_key") == key
 
 
 def package_versions(*names: str) -> dict[str, str]:
@@ -121,16 +235,22 @@ class DatasetWriter:
     """Writes a dataset into a hidden sibling directory and renames it into place on `finish`.
 
     Rows are written in order with `write(rows)`; `finish` trims unused rows (skipped records), hashes the content,
-    writes labels and manifest, then replaces `out`. Leaving the `with` block without `finish` removes the temp dir.
+    writes labels and manifest, then replaces `out` (only ever a prepared dataset: `check_out`). Leaving the `with`
+    block without `finish` removes the temp dir.
     """
 
     def __init__(self, out: str | Path, capacity: int, length: int, n_leads: int = len(LEADS)):
         self.out = Path(out)
+        check_out(self.out)
         self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.signals = np.lib.format.open_memmap(self.tmp / SIGNALS, mode="w+", dtype=np.float32,
-                                                 shape=(max(capacity, 1), n_leads, length))
+        try:
+            self.tmp.mkdir(parents=True)
+            self.signals = np.lib.format.open_memmap(self.tmp / SIGNALS, mode="w+", dtype=np.float32,
+                                                     shape=(max(capacity, 1), n_leads, length))
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise InputError(f"--out {self.out}: cannot write beside it ({e.strerror or e})") from None
         self.count = 0
 
     def __enter__(self) -> DatasetWriter:
@@ -156,7 +276,7 @@ class DatasetWriter:
         self._trim()
         labels.reset_index(drop=True).to_parquet(self.tmp / LABELS, index=False)
         manifest = {
-            "format_version": FORMAT_VERSION, "leads": list(LEADS), "units": SIGNAL_UNITS,
+            "kind": KIND, "format_version": FORMAT_VERSION, "leads": list(LEADS), "units": SIGNAL_UNITS,
             "target_units": TARGET_UNITS, "classes": list(CLASSES), "count": self.count,
             "length": length, **manifest,
             "content_hash": _content_hash(self.tmp),
@@ -165,6 +285,7 @@ class DatasetWriter:
         if norm not in NORMALISATIONS:
             raise ValueError(f"manifest normalisation must be one of {NORMALISATIONS}, got {norm!r}")
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        check_out(self.out)  # again: it may have changed while the records were read
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             self.out.rename(old)
@@ -206,9 +327,9 @@ def _content_hash(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def describe(path: str | Path) -> str:
-    """A short human summary of a prepared dataset."""
-    ds = open_dataset(path)
+def describe(path: str | Path, check_hash: bool = False) -> str:
+    """A short human summary of a prepared dataset (opened with `check_hash`, and saying so)."""
+    ds = open_dataset(path, check_hash)
     m, lab = ds.manifest, ds.labels
     lines = [f"{ds.path}: {m['source']} dataset, {m['count']} ECGs x {len(m['leads'])} leads x {ds.length} samples "
              f"at {m['rate']} Hz ({m['units']}), content {m['content_hash']}",
@@ -224,7 +345,8 @@ def describe(path: str | Path) -> str:
         v = lab[t].dropna()
         if len(v):
             lines.append(f"  {t}: {v.mean():.1f} +- {v.std():.1f} {TARGET_UNITS[t]} (n={len(v)})")
-    skipped = m.get("skipped", [])
-    if skipped:
-        lines.append(f"  skipped {len(skipped)} records, e.g. {skipped[0]['record']}: {skipped[0]['reason']}")
+    lines.append(describe_checks(m.get("checks"), m.get("skipped", [])))
+    if check_hash:
+        lines.append(f"  verified: manifest, shape, dtype, rate, leads, count, finite samples, label columns and "
+                     f"content hash {m['content_hash']} all agree")
     return "\n".join(lines)

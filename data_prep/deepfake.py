@@ -12,9 +12,9 @@ import pandas as pd
 from scipy.signal import resample_poly
 from tqdm import tqdm
 
-from data_prep import intervals
+from data_prep import checks, intervals
 from data_prep.constants import CLASSES, LEADS, TARGETS
-from data_prep.dataset import DatasetWriter, cache_key, is_current, package_versions
+from data_prep.dataset import DatasetWriter, cache_key, check_out, is_current, package_versions
 from data_prep.errors import InputError
 from data_prep.parallel import ordered_map, stream_into
 from data_prep.splits import random_split, split_counts
@@ -24,6 +24,7 @@ GAN_SCALE_MV = 6.0  # the generator's output x 6000 is microvolts
 BATCH = 64
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 GROUND_TRUTH_COLUMNS = ("patid", "avgrrinterval", "pr", "qrs", "qt")
+WHAT = "DeepFake file"
 
 
 def prepare_deepfake(out: str | Path, count: int | None = None, seed: int = 0, asc_dir: str | Path | None = None,
@@ -38,6 +39,8 @@ def prepare_deepfake(out: str | Path, count: int | None = None, seed: int = 0, a
                          "records100)")
     if (count is None) == (asc_dir is None):
         raise InputError("DeepFake: give exactly one of count (generate) or asc_dir (read the published .asc files)")
+    checks.check_settings(workers, outlier_sd)
+    check_out(out, asc_dir, ground_truth)
     if count is not None:
         if count < 1:
             raise InputError(f"DeepFake: count must be at least 1, got {count}")
@@ -65,9 +68,9 @@ def _generate(out: Path, count: int, seed: int, workers: int | None, rate: int, 
                 measured.append(result)
             writer.write(resample(batch, rate))
             progress.update(len(batch))
-        labels = _labels(pd.DataFrame(measured), np.arange(count), seed, outlier_sd)
-        return writer.finish(labels, _manifest(labels, seed, key, "extractor", [], rate=rate, outlier_sd=outlier_sd,
-                                               generator={"device": device, "batch": BATCH}))
+        labels, dropped = _labels(pd.DataFrame(measured), np.arange(count), seed, outlier_sd, strict=False)
+        return writer.finish(labels, _manifest(labels, seed, key, "extractor", [], dropped, rate=rate,
+                                               outlier_sd=outlier_sd, generator={"device": device, "batch": BATCH}))
 
 
 def generate(count: int, seed: int, device: str = "cpu") -> Iterator[np.ndarray]:
@@ -112,23 +115,23 @@ def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, st
                     files + ([ground_truth] if ground_truth else []))
     if is_current(out, key):
         return out
-    truth = read_ground_truth(ground_truth) if ground_truth else None
+    truth, dropped = read_ground_truth(ground_truth, strict) if ground_truth else (None, [])
     jobs = [(str(f), truth is None, rate) for f in files]
     length = LENGTH * rate // RATE
     with DatasetWriter(out, capacity=len(files), length=length) as writer, ordered_map(workers) as imap, \
             tqdm(total=len(files), desc="DeepFake .asc", unit="ECG") as progress:
-        kept, measured, skipped = stream_into(writer, imap(_load_asc, jobs), [f.name for f in files], strict,
-                                              "DeepFake file", progress)
+        kept, measured, skipped = stream_into(writer, imap(_load_asc, jobs), [f.name for f in files], strict, WHAT,
+                                              progress)
         ids = [files[i].stem for i in kept]
         if truth is None:
             targets = pd.DataFrame(measured)
         else:
             targets = truth.reindex(pd.to_numeric(pd.Series(ids), errors="coerce")).reset_index(drop=True)
             targets["label_note"] = np.where(targets[list(TARGETS)].isna().all(axis=1), "not in ground truth", "")
-        labels = _labels(targets, ids, seed, outlier_sd)
+        labels, implausible = _labels(targets, ids, seed, outlier_sd, strict)
         return writer.finish(labels, _manifest(labels, seed, key, "extractor" if truth is None else "muse", skipped,
-                                               rate=rate, outlier_sd=outlier_sd, asc_dir=str(asc_dir.resolve()),
-                                               ground_truth=str(ground_truth)))
+                                               dropped + implausible, rate=rate, outlier_sd=outlier_sd,
+                                               asc_dir=str(asc_dir.resolve()), ground_truth=str(ground_truth)))
 
 
 def read_asc(path: str | Path) -> np.ndarray:
@@ -139,9 +142,9 @@ def read_asc(path: str | Path) -> np.ndarray:
         raise InputError(f"not a table of numbers ({type(e).__name__})") from e
     if table.shape != (LENGTH, len(LEADS)):
         raise InputError(f"{table.shape[0]} rows x {table.shape[1]} columns, expected {LENGTH} x {len(LEADS)}")
-    if not np.isfinite(table).all():
-        raise InputError("NaN samples")
-    return (table.T / 1000.0).astype(np.float32)
+    signal = (table.T / 1000.0).astype(np.float32)
+    checks.check_signal(signal)
+    return signal
 
 
 def _load_asc(job: tuple[str, bool, int]) -> tuple[np.ndarray | None, dict | str]:
@@ -150,27 +153,37 @@ def _load_asc(job: tuple[str, bool, int]) -> tuple[np.ndarray | None, dict | str
         signal = read_asc(path)
     except InputError as e:
         return None, str(e)
+    except OSError as e:  # unreadable (a directory named .asc, no permission)
+        return None, f"unreadable ({e.strerror or e})"
     return resample(signal, rate), intervals.measure(signal, RATE) if measure else {}
 
 
-def read_ground_truth(path: Path) -> pd.DataFrame:
-    """MUSE labels per patid: hr = 60000 / avgrrinterval, pr, qrs, qt in ms."""
-    table = pd.read_csv(path)
-    table.columns = [c.strip().lower() for c in table.columns]
+def read_ground_truth(path: Path, strict: bool = False) -> tuple[pd.DataFrame, list[dict]]:
+    """MUSE labels per patid: hr = 60000 / avgrrinterval, pr, qrs, qt in ms; and the labels dropped (cells that are
+    not numbers, rows whose patid is not an integer or repeats an earlier one)."""
+    table = checks.read_table(path)
+    table.columns = [c.lower() for c in table.columns]
     missing = [c for c in GROUND_TRUTH_COLUMNS if c not in table]
     if missing:
         raise InputError(f"{path}: lacks columns {missing} (expected {', '.join(GROUND_TRUTH_COLUMNS)})")
+    ids = pd.to_numeric(table["patid"], errors="coerce")
+    bad = ids.isna() | (ids != ids.round()) | ids.duplicated()
+    dropped = [checks.dropped_label(f"line {i + 2}", "patid", table["patid"].iloc[i],
+                                    "repeats an earlier row" if ids.notna().iloc[i] else "not an integer",
+                                    path.name, strict) for i in np.flatnonzero(bad.to_numpy())]
+    table, ids = table[~bad], ids[~bad].astype(int)
+    values, not_numbers = checks.numbers(table, ["avgrrinterval", "pr", "qrs", "qt"], ids, WHAT, strict)
     with np.errstate(divide="ignore"):
-        hr = 60000.0 / table["avgrrinterval"].astype(float)
-    labels = pd.DataFrame({"hr": hr.replace([np.inf, -np.inf], np.nan),
-                           **{t: table[t].astype(float) for t in ("pr", "qrs", "qt")}})
-    labels.index = table["patid"].astype(int)
-    return labels
+        hr = 60000.0 / values["avgrrinterval"]
+    labels = pd.DataFrame({"hr": hr.replace([np.inf, -np.inf], np.nan), **{t: values[t] for t in ("pr", "qrs", "qt")}})
+    labels.index = ids.to_numpy()
+    return labels, dropped + not_numbers
 
 
-def _labels(targets: pd.DataFrame, ids, seed: int, outlier_sd: float | None) -> pd.DataFrame:
-    """The label table of DeepFake rows: no half, a seeded 80/10/10 split, no diagnostic classes; regression labels
-    past `outlier_sd` SD dropped when given."""
+def _labels(targets: pd.DataFrame, ids, seed: int, outlier_sd: float | None, strict: bool
+            ) -> tuple[pd.DataFrame, list[dict]]:
+    """The label table of DeepFake rows: no half, a seeded 80/10/10 split, no diagnostic classes; implausible
+    regression labels dropped (and returned), then those past `outlier_sd` SD when given."""
     n = len(targets)
     labels = pd.DataFrame({"record_id": [str(i) for i in ids], "patient_id": np.arange(n), "half": ""})
     labels["split"] = random_split(labels["patient_id"], seed, FRACTIONS).to_numpy()
@@ -178,12 +191,15 @@ def _labels(targets: pd.DataFrame, ids, seed: int, outlier_sd: float | None) -> 
     labels["label"] = -1
     for t in (*TARGETS, "label_note"):
         labels[t] = targets[t].to_numpy() if n else []
-    return intervals.drop_outliers(labels, outlier_sd) if outlier_sd else labels
+    labels, dropped = checks.physiological(labels, WHAT, strict)
+    return (intervals.drop_outliers(labels, outlier_sd) if outlier_sd else labels), dropped
 
 
-def _manifest(labels: pd.DataFrame, seed: int, key: str, label_source: str, skipped: list, **extra) -> dict:
+def _manifest(labels: pd.DataFrame, seed: int, key: str, label_source: str, skipped: list, dropped: list,
+              **extra) -> dict:
     return {"source": "deepfake", "recorded_rate": RATE, "normalisation": "zscore",
             "normalisation_note": "signals are stored in mV; the trainer applies per-record per-lead z-score",
             "splits": {"method": "random 80/10/10", "seed": seed, "counts": split_counts(labels)},
-            "label_source": label_source, "skipped": skipped, "cache_key": key,
+            "label_source": label_source, "skipped": skipped, "checks": checks.summary(skipped, dropped),
+            "cache_key": key,
             "versions": package_versions("deepfake-ecg", "torch", "neurokit2", "scipy"), **extra}

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.checks import skip_check
 from data_prep.dataset import DatasetWriter
 from data_prep.errors import InputError
 
@@ -34,7 +35,8 @@ def ordered_map(workers: int | None) -> Iterator[Callable[[Callable, Iterable], 
 def stream_into(writer: DatasetWriter, loaded: Iterable[Loaded], records: list, strict: bool, what: str,
                 progress: tqdm) -> tuple[list[int], list[Any], list[dict[str, Any]]]:
     """Write each good signal in order; a bad one is skipped (named on the progress bar and returned in `skipped`)
-    or, when `strict`, raises InputError. Returns the positions kept, their labels and the skipped records."""
+    or, when `strict`, raises InputError, as does a run where every record is bad. Returns the positions kept,
+    their labels and the skipped records."""
     kept, labels, skipped = [], [], []
     for i, (signal, result) in enumerate(loaded):
         progress.update()
@@ -42,9 +44,12 @@ def stream_into(writer: DatasetWriter, loaded: Iterable[Loaded], records: list, 
             if strict:
                 raise InputError(f"{what} {records[i]}: {result} (run without --strict to skip it)")
             progress.write(f"skipping {what} {records[i]}: {result}")
-            skipped.append({"record": records[i], "reason": result})
+            skipped.append({"record": records[i], "reason": result, "check": skip_check(result)})
             continue
         writer.write(signal[None])
         kept.append(i)
         labels.append(result)
+    if records and not kept:
+        raise InputError(f"every {what} was bad ({len(skipped)} skipped, e.g. {skipped[0]['record']}: "
+                         f"{skipped[0]['reason']}); nothing written")
     return kept, labels, skipped

@@ -41,6 +41,13 @@ def _data_deepfake(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_verify(args: argparse.Namespace) -> int:
+    from data_prep.dataset import describe
+
+    print(describe(args.dir, check_hash=True))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Prepare the embedded sample (and a few hundred DeepFake ECGs), search, promote, print (README: The demo)."""
     from data_prep.dataset import describe
@@ -122,7 +129,8 @@ def _resume(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from search.promote import promote
 
-    print(promote(args.search, args.name, metric=args.metric, force=args.force, tracking_uri=args.tracking_uri).message)
+    print(promote(args.search, args.name, metric=args.metric, force=args.force, tracking_uri=args.tracking_uri,
+                  ensemble=args.ensemble).message)
     return 0
 
 
@@ -149,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecgsearch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="prepare a dataset").add_subparsers(dest="source", required=True)
+    data = sub.add_parser("data", help="prepare (or verify) a dataset").add_subparsers(dest="source", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, type=Path, help="dataset directory to write (reused if unchanged)")
     common.add_argument("--seed", type=int, default=0)
@@ -177,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--rate", type=int, choices=(100, 500), default=500,
                       help="500 Hz as generated, or 100 Hz (resampled, to transfer to PTB-XL's records100)")
     fake.set_defaults(func=_data_deepfake)
+
+    verify = data.add_parser("verify", help="check a prepared dataset: manifest against files, finite samples, labels, "
+                                            "content hash")
+    verify.add_argument("dir", type=Path, help="prepared dataset directory")
+    verify.set_defaults(func=_data_verify)
 
     server = sub.add_parser("server", help="start the MLflow tracking server a cluster logs to (blocks)")
     server.add_argument("--backend-store-uri", required=True,
@@ -238,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--name", required=True, help="registered model name")
     promote.add_argument("--metric", default="val_auc", help="compare on this metric (val_mae: lower is better)")
     promote.add_argument("--force", action="store_true", help="move champion even if it is not better")
+    promote.add_argument("--ensemble", type=int, default=None, metavar="K",
+                         help="register the greedy ensemble of up to K top trials (1: the single best); default: "
+                              "whichever of the single best and the ensemble of 5 wins a split-half check")
     promote.add_argument("--tracking-uri", default=None)
     promote.set_defaults(func=_promote)
 

@@ -22,19 +22,19 @@ def _labels(n: int) -> pd.DataFrame:
 
 
 def test_written_rows_round_trip_and_unwritten_rows_are_trimmed(tmp_path):
-    rows = np.random.default_rng(0).normal(size=(8, 8, 100)).astype(np.float32)
-    with DatasetWriter(tmp_path / "ds", capacity=10, length=100) as w:  # two records "skipped"
+    rows = np.random.default_rng(0).normal(size=(8, 8, 1000)).astype(np.float32)
+    with DatasetWriter(tmp_path / "ds", capacity=10, length=1000) as w:  # two records "skipped"
         w.write(rows[:5])
         w.write(rows[5:])
         w.finish(_labels(8), {"source": "test", "rate": 100, "normalisation": "zscore", "cache_key": "k1"})
     ds = open_dataset(tmp_path / "ds")
     assert isinstance(ds.signals, np.memmap) and not ds.signals.flags.writeable
     np.testing.assert_array_equal(ds.signals, rows)
-    assert ds.manifest["count"] == 8 and ds.length == 100 and len(ds.content_hash) == 16
+    assert ds.manifest["count"] == 8 and ds.length == 1000 and len(ds.content_hash) == 16
     assert ds.select("train", "A").tolist() == [0, 4] and ds.select(single_label=True).tolist() == [0, 2, 4, 6]
     assert ds.select(target="qt").tolist() == [1, 2, 3, 5, 6, 7]
     assert is_current(tmp_path / "ds", "k1") and not is_current(tmp_path / "ds", "k2")
-    assert "8 ECGs x 8 leads x 100 samples at 100 Hz" in describe(tmp_path / "ds")
+    assert "8 ECGs x 8 leads x 1000 samples at 100 Hz" in describe(tmp_path / "ds")
     assert list(tmp_path.iterdir()) == [tmp_path / "ds"]
 
 

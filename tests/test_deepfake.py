@@ -65,7 +65,9 @@ def test_bad_asc_is_skipped_or_fails_under_strict(asc_dir, tmp_path):
     (asc_dir / "102.asc").write_text("\n".join(lines[:3000]) + "\n")
     ds = open_dataset(prepare_deepfake(tmp_path / "ds", asc_dir=asc_dir, workers=1))
     assert ds.labels["record_id"].tolist() == ["101", "103", "124"]
-    assert ds.manifest["skipped"] == [{"record": "102.asc", "reason": "3000 rows x 8 columns, expected 5000 x 8"}]
+    assert ds.manifest["skipped"] == [{"record": "102.asc", "reason": "3000 rows x 8 columns, expected 5000 x 8",
+                                       "check": "record file"}]
+    assert ds.manifest["checks"]["records_skipped"] == 1
     with pytest.raises(InputError, match="DeepFake file 102.asc: 3000 rows"):
         prepare_deepfake(tmp_path / "strict", asc_dir=asc_dir, strict=True, workers=1)
     with pytest.raises(InputError, match="3000 rows"):
@@ -77,8 +79,11 @@ def test_bad_arguments_are_input_errors(tmp_path):
         prepare_deepfake(tmp_path / "ds")
     with pytest.raises(InputError, match="not a directory"):
         prepare_deepfake(tmp_path / "ds", asc_dir=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no .asc files"):
-        prepare_deepfake(tmp_path / "ds", asc_dir=tmp_path)
+        prepare_deepfake(tmp_path / "ds", asc_dir=tmp_path / "empty")
+    with pytest.raises(InputError, match="overlaps the input"):
+        prepare_deepfake(tmp_path / "empty" / "ds", asc_dir=tmp_path / "empty")
 
 
 def test_outlier_rule_drops_only_the_far_label_and_is_a_new_dataset(asc_dir, tmp_path):
@@ -86,7 +91,7 @@ def test_outlier_rule_drops_only_the_far_label_and_is_a_new_dataset(asc_dir, tmp
 
     truth = tmp_path / "truth.csv"
     pd.DataFrame({"patid": [101, 102, 103, 124], "avgrrinterval": [1000, 800, 750, 900], "pr": [160, 150, 140, 155],
-                  "qrs": [90, 94, 92, 400], "qt": [400, 390, 380, 395]}).to_csv(truth, index=False)
+                  "qrs": [90, 94, 92, 200], "qt": [400, 390, 380, 395]}).to_csv(truth, index=False)
     out = tmp_path / "ds"
     args = ["data", "deepfake", "--asc-dir", str(asc_dir), "--ground-truth", str(truth), "--out", str(out),
             "--workers", "1"]

@@ -12,7 +12,7 @@ from data_prep.splits import assign_splits
 @pytest.fixture(scope="module")
 def meta(sample_dir) -> pd.DataFrame:
     root = sample_dir / "ptbxl"
-    return read_database(root / "ptbxl_database.csv", root / "scp_statements.csv", 0.0)
+    return read_database(root / "ptbxl_database.csv", root / "scp_statements.csv", 0.0)[0]
 
 
 @pytest.mark.parametrize("method", ["strat_fold", "random"])
