@@ -113,7 +113,7 @@ def test_cli_reports_a_bad_space_file_in_one_line_with_exit_2(small_ptbxl: Path,
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == ("ecgsearch: error: search space: arch: unknown 'nope'; "
-                                    "choose from cnn1d, inception1d, lstm, resnet1d, vit1d")
+                                    "choose from cnn1d, inception1d, lstm, resnet1d, rnn, vit1d")
 
 
 @pytest.mark.parametrize("case", ["not prepared", "no labels for the task", "unknown target",
