@@ -24,7 +24,7 @@ import pandas as pd
 from ray.tune.schedulers import ASHAScheduler
 
 from data_prep.errors import InputError
-from search import tracking
+from search import progress, tracking
 from search.errors import SearchFailed, SearchInterrupted
 from search.optuna_storage import open_optuna_storage
 from search.server import mask_uri
@@ -53,7 +53,8 @@ class SearchResult:
         return tracking.best_row(self.table, self.metric, self.mode)
 
     def ui_url(self, port: int = 5000) -> str:
-        return tracking.ui_url(self.tracking_uri, self.experiment_id, port=port)
+        """The search's trials in the MLflow UI, best first."""
+        return tracking.ui_url(self.tracking_uri, self.experiment_id, port=port, parent=self.parent_run_id)
 
     def summary(self) -> str:
         """The trials table, the best trial and how to open the MLflow UI on them, for printing."""
@@ -130,7 +131,9 @@ def run_search(spec: SearchSpec) -> SearchResult:
         started = init_ray(spec.address)
         searcher = _searcher(spec, inputs.space, study_storage)
         scheduler, pruned = _scheduler(spec)
-        runs = tracking.TrialRuns(client, experiment_id, parent, metric, spec.num_samples, pruned)
+        runs = tracking.TrialRuns(client, experiment_id, parent, metric, spec.num_samples, pruned,
+                                  tracking.sampled_names(inputs.space), spec.max_epochs)
+        lines = progress.Progress(metric, mode, spec.num_samples, spec.max_epochs, pruned)
         tuner = tune.Tuner(
             _trainable(spec, inputs.models),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
@@ -138,7 +141,7 @@ def run_search(spec: SearchSpec) -> SearchResult:
                                         reuse_actors=True,
                                         trial_dirname_creator=lambda t: f"trial_{t.config['trial_number']}_{t.trial_id}"),
             run_config=tune.RunConfig(
-                name=name, storage_path=str(storage), callbacks=[runs], verbose=0,
+                name=name, storage_path=str(storage), callbacks=[runs, lines], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                         checkpoint_score_order=mode)))
@@ -200,7 +203,8 @@ def init_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level=progress.RAY_LOGGING_LEVEL)
     return True
 
 
@@ -224,7 +228,7 @@ def _fit(tuner: Any, runs: tracking.TrialRuns, result: SearchResult, client: Any
                                     f"finish it with: ecgsearch resume {result.name} --tracking-uri "
                                     f"{mask_uri(result.tracking_uri)}")
         for r in unfinished:
-            runs.stop_by_budget(r.config["trial_number"])
+            runs.stop_by_budget(_number(r))
         result.table = table = trials_table(results, runs, metric)
         if len(table) and (table["status"] == "failed").all():
             reasons = table["failure_reason"].value_counts()
@@ -289,7 +293,7 @@ def resume_search(search: str, tracking_uri: str | None = None) -> SearchResult:
     try:
         known = {t.trial_id for t in tune.ExperimentAnalysis(storage).trials}  # in Tune's last saved state
         children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
-        ended = {int(c.data.tags["trial_number"]): c.data.metrics for c in children  # their last epoch's metrics
+        ended = {int(c.data.tags["trial_number"]): tracking.last_result(client, c) for c in children
                  if c.info.status == "FINISHED" and c.data.tags["trial_id"] in known}
         tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, inputs.models, ended), resume_errored=True)
         runs = tuner._local_tuner.get_run_config().callbacks[0]  # the search's TrialRuns, restored with the Tuner
@@ -306,13 +310,20 @@ def resume_search(search: str, tracking_uri: str | None = None) -> SearchResult:
             ray.shutdown()
 
 
+def _number(result: Any) -> int:
+    """A Tune result's trial number, from its directory trial_<number>_<id> (one that never reported has no config)."""
+    return int(Path(result.path).name.split("_")[1])
+
+
 def trials_table(results: Any, runs: tracking.TrialRuns, metric: str) -> pd.DataFrame:
     """One row per trial from Tune's results and the callback's records, in trial order."""
     rows = []
     for r in results:
-        number = int(Path(r.path).name.split("_")[1])  # trial_<number>_<id>: one that never reported has no config
+        number = _number(r)
         config, metrics = r.config or {}, r.metrics or {}
-        rows.append({"trial_number": number, **runs.trials.get(number, {"status": "failed" if r.error else "?"}),
+        never = {"trial_id": "", "run_id": "", "failure_reason": "",  # never started: failed, or the budget ran out
+                 "status": "failed" if r.error else "budget"}
+        rows.append({"trial_number": number, **runs.trials.get(number, never),
                      "epochs": int(metrics.get("epoch", 0)), f"best_{metric}": metrics.get(f"best_{metric}"),
                      "arch": config.get("arch"), "lr": config.get("lr"), "schedule": config.get("schedule"),
                      "config": config})

@@ -21,8 +21,9 @@ def search(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactor
     tmp = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=8, max_epochs=4, space_overrides=TINY,
-                        tracking_uri=uri, storage_path=tmp / "ray", name="tiny", seed=1,
-                        fault={"trials": [1], "epoch": 1, "kind": "raise"}))
+                                   tracking_uri=uri, storage_path=tmp / "ray", name="tiny", seed=1, grace_period=1,
+                                   optuna_storage=f"sqlite:///{tmp / 'optuna.db'}",
+                                   fault={"trials": [1], "epoch": 1, "kind": "raise"}))
     return result, uri
 
 
@@ -94,8 +95,49 @@ def test_artifacts_on_the_top_trials_and_the_search(search: tuple[SearchResult, 
 
 
 def test_regression_search_plots_predicted_vs_true(local_ray, small_ptbxl: Path, store: str, tmp_path: Path) -> None:
-    result = run_search(SearchSpec(small_ptbxl, "regression", target="qrs", num_samples=2, max_epochs=1, space_overrides=TINY,
-                        tracking_uri=store, storage_path=tmp_path / "ray", top_k=1))
+    result = run_search(SearchSpec(small_ptbxl, "regression", target="qrs", num_samples=2, max_epochs=1,
+                                   space_overrides=TINY, tracking_uri=store, storage_path=tmp_path / "ray", top_k=1))
     assert result.metric == "val_mae" and result.best["best_val_mae"] > 0
     names = {a.path for a in MlflowClient(store).list_artifacts(result.best["run_id"])}
     assert {"model.pt", "predicted_vs_true.png"} <= names
+
+
+def test_the_searcher_learns_each_trials_best_not_its_last(search: tuple[SearchResult, str]) -> None:
+    """TPE is told the value of the checkpoint a trial keeps (its best epoch), the one promote ranks by."""
+    import optuna
+
+    result, uri = search
+    storage = MlflowClient(uri).get_run(result.parent_run_id).data.params["optuna_storage"]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    told = {t.number: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    client, fell = MlflowClient(uri), 0
+    for run in children(uri, result):
+        number = int(run.data.tags["trial_number"])
+        if run.info.status == "FAILED":
+            assert number not in told
+            continue
+        history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_auc"), key=lambda m: m.step)]
+        assert told[number] == pytest.approx(max(history))
+        fell += history[-1] < max(history)
+    assert fell, "no trial ended below its best epoch, so this search cannot tell best from last"
+
+
+def test_a_search_that_reaches_its_time_budget_has_finished(local_ray, small_ptbxl: Path, store: str,
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from search.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("arch: cnn1d\narchs: {cnn1d: {width: 8, depth: 3}}\nbatch_size: 16\npatience: 100\n")
+    code = main(["search", "--data", str(small_ptbxl), "--task", "classification", "--num-samples", "50",
+                 "--max-epochs", "40", "--time-budget", "25", "--config", str(space), "--tracking-uri", store,
+                 "--storage-path", str(tmp_path / "ray"), "--name", "budgeted"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "stopped by the time budget" in out.out and "interrupted" not in out.err
+    client = MlflowClient(store)
+    parent = client.search_runs([client.get_experiment_by_name("ecgsearch").experiment_id],
+                                "attributes.run_name = 'budgeted'")[0]
+    assert parent.info.status == "FINISHED"
+    kids = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert all(k.info.status == "FINISHED" for k in kids)  # none left RUNNING (on a loaded machine none may start)
+    assert not kids or any(k.data.tags.get("stopped_by") == "time_budget" for k in kids)
