@@ -1,4 +1,8 @@
-"""`ecgsearch`: argument parsing and printing only; the work is done by functions that tests call directly."""
+"""ecgsearch: hyperparameter search for ECG deep learning on PTB-XL and DeepFake ECGs. Prepare a dataset once
+(`ecgsearch data`), search architectures and training settings with Ray Tune + Optuna + ASHA early stopping
+(`ecgsearch search`), follow and compare the trials in MLflow (`ecgsearch ui`, `dashboard`, `compare`), register
+the best model (`ecgsearch promote`), or run the whole transfer-learning study (`ecgsearch study`).
+Try `ecgsearch demo` first: it runs all of it on the bundled sample in a few minutes."""
 from __future__ import annotations
 
 import argparse
@@ -140,6 +144,21 @@ def _ui(args: argparse.Namespace) -> int:
     return serve_ui(args.tracking_uri, args.port)
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from search.views import serve_dashboard
+
+    return serve_dashboard(args.search, args.tracking_uri, args.optuna_storage, args.port)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from search.compare import compare_searches, format_table
+
+    table, run_id = compare_searches(args.searches, args.tracking_uri)
+    print(format_table(table))
+    print(f"logged as compare.md and compare.csv on MLflow run {run_id}")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     from search.study import plan, run_study
 
@@ -154,13 +173,18 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     p = argparse.ArgumentParser(prog="ecgsearch", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"ecgsearch {version('ecgsearch')}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Ray, Tune, Optuna and MLflow's own INFO output")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="prepare (or verify) a dataset").add_subparsers(dest="source", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, type=Path, help="dataset directory to write (reused if unchanged)")
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=int, default=0, help="seed of the split (and of generated ECGs)")
     common.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     common.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: all cores)")
     common.add_argument("--drop-outliers", type=float, nargs="?", const=3.0, default=None, metavar="SD",
@@ -169,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ptbxl = data.add_parser("ptbxl", parents=[common], help="PTB-XL wfdb records -> prepared dataset")
     ptbxl.add_argument("--root", required=True, type=Path, help="PTB-XL directory (ptbxl_database.csv, records100/)")
-    ptbxl.add_argument("--rate", type=int, choices=(100, 500), default=100)
+    ptbxl.add_argument("--rate", type=int, choices=(100, 500), default=100,
+                       help="sampling rate in Hz: records100/ or records500/")
     ptbxl.add_argument("--features", type=Path, default=None,
                        help="PTB-XL+ directory (features/12sl_features.csv) for HR/PR/QRS/QT labels")
     ptbxl.add_argument("--min-likelihood", type=float, default=0.0,
@@ -197,15 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--artifacts-destination", required=True,
                         help="where proxied artifact uploads land (directory or object-store URI)")
     server.add_argument("--host", default="127.0.0.1", help="bind address (reach it through port forwarding)")
-    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--port", type=int, default=5000, help="port to listen on")
     server.add_argument("--workers", type=int, default=1, help="server worker processes (1 keeps it near 0.4 GiB)")
     server.set_defaults(func=_server)
 
     search = sub.add_parser("search", help="run a hyperparameter search (Ray Tune + Optuna + ASHA, tracked in MLflow)")
     search.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
-    search.add_argument("--task", required=True, choices=("classification", "regression"))
+    search.add_argument("--task", required=True, choices=("classification", "regression"),
+                        help="classification: the 5 diagnostic superclasses; regression: one interval (--target)")
     search.add_argument("--target", default=None, help="regression target: hr, pr, qrs or qt")
-    search.add_argument("--approach", default="baseline", choices=("baseline", "single", "fused"))
+    search.add_argument("--approach", default="baseline", choices=("baseline", "single", "fused"),
+                        help=APPROACHES_HELP)
     search.add_argument("--pretrained", nargs="*", default=[], metavar="TARGET=URI",
                         help="pretrained models for single/fused: checkpoint path or models:/NAME@champion")
     search.add_argument("--half", choices=("A", "B"), default=None, help="rows of this half only (default: all)")
@@ -221,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
     search.add_argument("--name", default=None, help="search name (MLflow parent run, Ray experiment)")
     search.add_argument("--storage-path", type=Path, default=None, help="Ray results (default ./ray_results)")
-    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler and of every trial")
     search.add_argument("--optuna-storage", default=None,
                         help="database for the Optuna study, e.g. the MLflow postgresql://... URI")
     search.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="Optuna sampler")
@@ -254,18 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--ensemble", type=int, default=None, metavar="K",
                          help="register the greedy ensemble of up to K top trials (1: the single best); default: "
                               "whichever of the single best and the ensemble of 5 wins a split-half check")
-    promote.add_argument("--tracking-uri", default=None)
+    promote.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
     promote.set_defaults(func=_promote)
 
     ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the tracking store (blocks)")
-    ui.add_argument("--tracking-uri", default=None)
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1")
     ui.set_defaults(func=_ui)
 
     demo = sub.add_parser("demo", help="run the demo on the embedded sample data")
     demo.add_argument("--workdir", type=Path, default=Path("prepared"), help="prepared datasets (reused)")
     demo.add_argument("--num-samples", type=int, default=16, help="trials")
-    demo.add_argument("--max-epochs", type=int, default=10)
+    demo.add_argument("--max-epochs", type=int, default=10, help="epochs per trial at most")
     demo.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
     demo.set_defaults(func=_demo)
     study = sub.add_parser("study", help="run the whole transfer-learning study of a config (resumable)")
@@ -275,11 +302,98 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the stages, searches, trial counts and what is already done; run nothing")
     study.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db here)")
     study.set_defaults(func=_study)
+
+    dashboard = sub.add_parser("dashboard", help="optuna-dashboard on a search's Optuna study (blocks)")
+    dashboard.add_argument("search", help="the search's MLflow run id or name")
+    dashboard.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
+    dashboard.add_argument("--optuna-storage", default=None,
+                           help="the database the search kept its study in (to follow a running search); by "
+                                "default the study the finished search logged (optuna_study.db)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1")
+    dashboard.set_defaults(func=_dashboard)
+
+    compare = sub.add_parser("compare", help="several searches' best trials side by side (printed, logged to MLflow)")
+    compare.add_argument("searches", nargs="+", metavar="SEARCH", help="MLflow run ids or names of searches")
+    compare.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
+    compare.set_defaults(func=_compare)
+    _explain(p)
     return p
 
 
+APPROACHES_HELP = ("baseline: train from scratch; single: fine-tune one pretrained model (--pretrained TARGET=URI, e.g. "
+                   "a QRS-duration regressor); fused: one pretrained backbone per target (hr, pr, qrs, qt), their "
+                   "features concatenated under a new head")
+DESCRIPTIONS = {
+    "search": "Search a prepared dataset: Optuna (TPE) proposes each trial's architecture and training settings\n"
+              "(configs/search.yaml, --config), Ray Tune runs the trials --max-concurrent at a time and ASHA stops\n"
+              "weak trials early. Each trial is a child run of the search's MLflow run; the printed link opens them\n"
+              "best first.\n\n"
+              "approaches:\n"
+              "  baseline  train from scratch\n"
+              "  single    fine-tune one pretrained model (--pretrained TARGET=URI), e.g. a QRS-duration regressor\n"
+              "            trained on DeepFake ECGs\n"
+              "  fused     one pretrained backbone per interval target (hr, pr, qrs, qt), their features\n"
+              "            concatenated under a new head",
+}
+EXAMPLES = {
+    "data ptbxl": "ecgsearch data ptbxl --root ~/ptb-xl --features ~/ptb-xl-plus --out prepared/ptbxl-100",
+    "data deepfake": "ecgsearch data deepfake --count 2000 --rate 100 --out prepared/deepfake-100\n"
+                     "  ecgsearch data deepfake --asc-dir ~/deepfake/asc --ground-truth ~/deepfake/gt.csv --out df",
+    "data verify": "ecgsearch data verify prepared/ptbxl-100",
+    "server": "ecgsearch server --backend-store-uri postgresql://postgres@127.0.0.1:5432/mlflow "
+              "--artifacts-destination /data/mlartifacts",
+    "search": "ecgsearch search --data prepared/ptbxl-100 --task classification --half A --num-samples 32\n"
+              "  ecgsearch search --data prepared/deepfake-100 --task regression --target qrs --num-samples 16\n"
+              "  ecgsearch search --data prepared/ptbxl-100 --task classification --approach single "
+              "--pretrained qrs=models:/ecg-qrs@champion --num-samples 16",
+    "resume": "ecgsearch resume baseline-classification-20261201-101500",
+    "promote": "ecgsearch promote --search baseline-classification-20261201-101500 --name ecg-superclass",
+    "ui": "ecgsearch ui --port 5000",
+    "dashboard": "ecgsearch dashboard demo-20261201-101500",
+    "compare": "ecgsearch compare baseline-classification-20261201-101500 single-classification-20261201-120000",
+    "demo": "ecgsearch demo\n  ecgsearch demo --num-samples 4 --max-epochs 3",
+    "": "ecgsearch demo\n  ecgsearch search --help",
+    "study": "ecgsearch study --config configs/study-small.yaml --plan\n"
+             "  ecgsearch study --config configs/study-small.yaml",
+}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown where they say something (not None, False or already in the help); epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == [] or \
+                action.default == argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _explain(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Every parser below `parser`: the formatter, `-v`, and its examples as the epilog."""
+    parser.formatter_class = _Formatter
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subparsers:
+        for name, child in action.choices.items():
+            _explain(child, f"{path} {name}".strip())
+    if path and not subparsers:
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="also show Ray, Tune, Optuna and MLflow's own INFO output")
+    if path in EXAMPLES:
+        parser.epilog = "example:\n  " + EXAMPLES[path]
+    if path in DESCRIPTIONS:
+        parser.description = DESCRIPTIONS[path]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    from search.progress import quiet
+
+    quiet(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except InputError as e:

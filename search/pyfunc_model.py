@@ -20,12 +20,13 @@ from ecgmodels.checkpoint import read_checkpoint
 class ECGPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the `model.pt` artifact (weights_only) and predicts with it."""
 
-    def load_context(self, context):  # noqa: ANN001 (MLflow reads type hints as a schema: none here)
+    def load_context(self, context: Any) -> None:
         path = context.artifacts["model.pt"]
         self.model = load_checkpoint(path).eval()
         self.extra = read_checkpoint(path)["extra"]
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 (the signature is logged instead)
+    def predict(self, context: Any, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
+        """`np.ndarray` is a hint MLflow takes without inferring a schema from it: the logged signature holds."""
         return predict(self.model, self.extra, model_input)
 
 

@@ -9,14 +9,11 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.request
-import warnings
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-import optuna
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -25,7 +22,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from data_prep.constants import CLASSES, TARGET_UNITS
 from data_prep.errors import InputError
-from search.server import connect_postgres, is_postgres, mask_uri, start_server  # mask_uri: a postgresql:// URI may hold a password
+from search.server import check_http, connect_postgres, is_postgres, mask_text, mask_uri, start_server
 
 DEFAULT_EXPERIMENT = "ecgsearch"
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # its "Creating initial tables" lines on stderr
@@ -48,10 +45,7 @@ def open_store(uri: str | None) -> tuple[MlflowClient, str]:
     uri = uri or default_uri()
     db = sqlite_file(uri)
     if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-        except OSError as e:
-            raise InputError(f"--tracking-uri {uri} does not answer ({e}); start the server or fix the URI") from None
+        check_http(uri, "--tracking-uri")
     elif db is not None and not db.parent.is_dir():
         raise InputError(f"--tracking-uri {uri}: directory {db.parent} does not exist")
     elif is_postgres(uri):  # fails in seconds naming the database, where MLflow would retry for a minute
@@ -60,23 +54,33 @@ def open_store(uri: str | None) -> tuple[MlflowClient, str]:
         client = MlflowClient(uri, registry_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as e:  # any driver error means the same to the user: this store cannot be used
-        raise InputError(f"--tracking-uri {mask_uri(uri)} does not answer ({str(e).splitlines()[0]})") from None
+        raise InputError(f"--tracking-uri {mask_uri(uri)} does not answer "
+                         f"({mask_text((str(e).strip() or type(e).__name__).splitlines()[0], uri)})") from None
     return client, uri
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's classic view, not its GenAI one
+
+
 def experiment_id(client: MlflowClient, uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
-    """The experiment's id, creating it (artifacts beside a sqlite file in `mlartifacts/`, else the server's)."""
+    """The experiment's id, creating it (artifacts beside a sqlite file in `mlartifacts/`, else the server's); its
+    kind tag makes the MLflow UI open it in the classic machine-learning view."""
     found = client.get_experiment_by_name(name)
     if found:
+        if found.tags.get("mlflow.experimentKind") is None:  # made before ecgsearch set the kind
+            client.set_experiment_tag(found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return found.experiment_id
     db = sqlite_file(uri)
     location = (db.parent / "mlartifacts" / name).as_uri() if db else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
-def ui_url(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000) -> str:
-    """The runs table of an experiment (the MLflow 3 UI otherwise opens its GenAI view)."""
+def ui_url(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000, parent: str | None = None) -> str:
+    """The runs table of an experiment (the MLflow 3 UI otherwise opens its GenAI view), or with `parent` that
+    search's trials, best first (`share_trials_view`)."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{host}:{port}"
+    if parent:
+        return f"{base}/#{trials_link(experiment, parent)}"
     return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
@@ -84,7 +88,7 @@ def serve_ui(uri: str | None, port: int = 5000) -> int:
     """The MLflow UI over a local store on 127.0.0.1 until Ctrl-C; prints the runs-table link."""
     client, uri = open_store(uri)
     if uri.startswith(("http://", "https://")):
-        print(f"{uri} is a tracking server already: open {uri}")
+        print(f"{mask_uri(uri)} is a tracking server already: open {mask_uri(uri)}")
         return 0
     db = sqlite_file(uri)
     artifacts = db.parent / "mlartifacts" if db else Path.cwd() / "mlartifacts"
@@ -114,29 +118,80 @@ def _reason(error: str | None) -> str:
     return lines[-1][:500]
 
 
+# Tune's and the trainable's result names -> MLflow metric names: `lr` is also a param; Tune's time is a system
+# metric; `epoch` is every metric's step, not a metric of its own.
+METRIC_NAMES = {"lr": "train_lr", "time_this_iter_s": "system/epoch_time_s"}
+STATES = {"running": "running", "finished": "finished", "pruned": "stopped", "budget": "stopped", "failed": "failed"}
+KEY_PARAMS = 3  # sampled hyperparameters a run name shows besides the architecture
+
+
+def sampled_names(space: Any) -> list[str]:
+    """Config names of a SearchSpace's sampled (not fixed) dimensions in the space's order, conditional ones once:
+    a trial's params; the constants and fixed values are the search's (parent run's) params."""
+    conditional = [d for dims in (*space.arch_dims.values(), *space.schedule_dims.values()) for d in dims]
+    return list(dict.fromkeys(d.name for d in (*space.dims.values(), *conditional) if not d.fixed))
+
+
+def rounded(value: Any) -> str:
+    """A param value as text, a float to 4 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def run_name(number: int, status: str, config: dict, sampled: list[str], epochs: int = 0,
+             max_epochs: int = 0) -> str:
+    """A trial's run name, read in the runs table (which shows its first 20 or so characters): number, state and
+    epochs of max, architecture, the first sampled hyperparameters, e.g. `07 stopped 3/10 resnet1d lr=0.0031`."""
+    state = STATES.get(status, status) + (f" {epochs}/{max_epochs}" if epochs and max_epochs else "")
+    keys = [k for k in sampled if k in config and k != "arch"][:KEY_PARAMS]
+    params = " ".join(f"{k.split('.')[-1]}={rounded(config[k])}" for k in keys)
+    return f"{number:02d} {state} {config.get('arch', '')} {params}".strip()
+
+
+def epoch_metrics(result: dict) -> list[Metric]:
+    """A Tune result as MLflow metrics: step = the epoch, names as METRIC_NAMES says, Tune's own keys left out."""
+    step, now = int(result.get("epoch", result["training_iteration"])), int(time.time() * 1000)
+    return [Metric(METRIC_NAMES.get(k, k), float(v), now, step) for k, v in result.items()
+            if k not in _NOT_METRICS and k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
 class TrialRuns(Callback):
-    """A child run per trial under the search's parent run: params = the trial config, metrics per epoch, status
-    FINISHED (tag `stopped_by`: trainer or scheduler) or FAILED with tag `failure_reason`. `trials` keeps, per trial
-    number, its trial id, run id, status (finished / pruned / failed) and failure reason."""
+    """A child run per trial under the search's parent run: params = the trial's sampled values (4 significant
+    digits; all of its config when `sampled` is None), metrics per epoch (step = epoch; METRIC_NAMES renamed), tag
+    `state` (running / finished / stopped / failed) and a run name saying it (`run_name`), tags of where it ran
+    (`ray.node_id`, `ray.hostname`, `ray.node_ip`, `gpu`, `gpu_fraction`), status FINISHED (tag `stopped_by`: trainer,
+    scheduler or time_budget) or FAILED with tag `failure_reason`. `trials` keeps, per trial number, its trial id,
+    run id, status (finished / pruned / budget / failed) and failure reason."""
 
     def __init__(self, client: MlflowClient, experiment: str, parent_run_id: str, metric: str, num_samples: int,
-                 pruned: set[str]):
+                 pruned: set[str], sampled: list[str] | None = None, max_epochs: int = 0):
         self.client, self.experiment, self.parent = client, experiment, parent_run_id
-        self.metric, self.num_samples = metric, num_samples
+        self.metric, self.num_samples, self.max_epochs = metric, num_samples, max_epochs
         self.pruned = pruned  # trial ids the scheduler stopped (filled by the scheduler as it decides)
+        self.sampled = sampled
+        share_trials_view(client, experiment, parent_run_id, metric, sampled or [])
         self.trials: dict[int, dict[str, str]] = {}
         self.runs: dict[str, str] = {}  # trial id -> child run id
+        self.placed: set[str] = set()  # trial ids whose run has its placement tags
+
+    def _name(self, trial: Any, status: str) -> str:
+        result = trial.last_result or {}
+        return run_name(trial.config.get("trial_number", 0), status, trial.config, self.sampled or [],
+                        int(result.get("epoch", 0)), self.max_epochs)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self.runs:
             return
         number = trial.config.get("trial_number")
-        run = self.client.create_run(self.experiment, run_name=f"trial-{number}", tags={
-            "mlflow.parentRunId": self.parent, "trial_id": trial.trial_id, "trial_number": str(number)})
+        run = self.client.create_run(self.experiment, run_name=self._name(trial, "running"), tags={
+            "mlflow.parentRunId": self.parent, "trial_id": trial.trial_id, "trial_number": str(number),
+            "state": "running"})
         self.runs[trial.trial_id] = run.info.run_id
         self.trials[number] = {"trial_id": trial.trial_id, "run_id": run.info.run_id, "status": "running",
                                "failure_reason": ""}
-        log_params(self.client, run.info.run_id, trial.config)
+        params = trial.config if self.sampled is None else {k: v for k, v in trial.config.items() if k in self.sampled}
+        log_params(self.client, run.info.run_id, {k: rounded(v) for k, v in params.items()})
 
     def reattach(self, child: Any) -> None:
         """Take back a child run (an MLflow Run) of a resumed search, with the status it ended in, if it did."""
@@ -144,6 +199,7 @@ class TrialRuns(Callback):
         status = {"FINISHED": {"scheduler": "pruned", "time_budget": "budget"}.get(tags.get("stopped_by"), "finished"),
                   "FAILED": "failed"}.get(child.info.status, "running")
         self.runs[tags["trial_id"]] = child.info.run_id
+        self.placed.add(tags["trial_id"])
         self.trials[int(tags["trial_number"])] = {"trial_id": tags["trial_id"], "run_id": child.info.run_id,
                                                   "status": status, "failure_reason": tags.get("failure_reason", "")}
 
@@ -154,48 +210,59 @@ class TrialRuns(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if self.ended(trial):
             return
-        step, now = int(result.get("epoch", result["training_iteration"])), int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                   if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        self.client.log_batch(self.runs[trial.trial_id], metrics=metrics)
+        metrics = epoch_metrics(result)
+        tags = []
+        if trial.trial_id not in self.placed:  # where it runs, once (a retried trial may move: its last place wins)
+            self.placed.add(trial.trial_id)
+            gpus = trial.placement_group_factory.required_resources.get("GPU", 0)
+            where = {"ray.node_id": result.get("node_id"), "ray.hostname": result.get("hostname"),
+                     "ray.node_ip": result.get("node_ip"), "gpu": result.get("gpu"),
+                     "gpu_fraction": f"{gpus:g}" if gpus else None}
+            tags = [RunTag(k, str(v)) for k, v in where.items() if v]
+        self.client.log_batch(self.runs[trial.trial_id], metrics=metrics, tags=tags)
+
+    def _end(self, number: int, status: str, trial: Any | None = None, stopped_by: str | None = None) -> None:
+        """Record a trial's end on its run: state tag, name, `stopped_by`, MLflow status."""
+        record = self.trials[number]
+        record["status"] = status
+        run = record["run_id"]
+        tags = [RunTag("state", STATES[status])] + ([RunTag("stopped_by", stopped_by)] if stopped_by else [])
+        self.client.log_batch(run, tags=tags)
+        if trial is not None:
+            self.client.update_run(run, name=self._name(trial, status))
+        self.client.set_terminated(run, "FAILED" if status == "failed" else "FINISHED")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.ended(trial):
             return
         pruned = trial.trial_id in self.pruned
-        self.trials[trial.config.get("trial_number")]["status"] = "pruned" if pruned else "finished"
-        run = self.runs[trial.trial_id]
-        self.client.set_tag(run, "stopped_by", "scheduler" if pruned else "trainer")
-        self.client.set_terminated(run, "FINISHED")
-        self._progress(trial, "stopped early by ASHA" if pruned else "finished")
+        self._end(trial.config.get("trial_number"), "pruned" if pruned else "finished", trial,
+                  "scheduler" if pruned else "trainer")
 
     def stop_by_budget(self, number: int) -> None:
         """End the child run of a trial that was still running when the search's time budget ran out."""
         record = self.trials.get(number)
         if record is None or record["status"] != "running":
             return
-        record["status"] = "budget"
-        self.client.set_tag(record["run_id"], "stopped_by", "time_budget")
-        self.client.set_terminated(record["run_id"], "FINISHED")
-
-    def _progress(self, trial: Any, what: str) -> None:
-        """One line per ended trial (Ray's own output is turned off)."""
-        number, result = trial.config.get("trial_number"), trial.last_result or {}
-        best = result.get(f"best_{self.metric}")
-        ended = sum(t["status"] != "running" for t in self.trials.values())
-        print(f"[{ended}/{self.num_samples}] trial {number} ({trial.config.get('arch')}) {what} after "
-              f"{result.get('training_iteration', 0)} epochs" + (f", best {self.metric} {best:.4f}" if best else ""),
-              flush=True)
+        self._end(number, "budget", stopped_by="time_budget")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.on_trial_start(iteration, trials, trial)  # a trial can fail before it starts
         error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else None
-        record = self.trials[trial.config.get("trial_number")]
-        record.update(status="failed", failure_reason=_reason(error))
+        number = trial.config.get("trial_number")
+        record = self.trials[number]
+        record["failure_reason"] = _reason(error)
         self.client.set_tag(record["run_id"], "failure_reason", record["failure_reason"])
         self.client.log_text(record["run_id"], error or record["failure_reason"], "error.txt")
-        self.client.set_terminated(record["run_id"], "FAILED")
-        self._progress(trial, f"FAILED ({record['failure_reason']})")
+        self._end(number, "failed", trial)
+
+
+def last_result(client: MlflowClient, run: Any) -> dict[str, float]:
+    """A child run's last epoch in the trainable's names (METRIC_NAMES undone, `epoch` from the steps): what a
+    resumed search re-reports for a trial whose run had ended."""
+    back = {v: k for k, v in METRIC_NAMES.items()}
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    return {**{back.get(k, k): v for k, v in run.data.metrics.items()}, "epoch": max(steps, default=0)}
 
 
 def prediction_plots(predictions: Path, task: str, target: str | None = None) -> dict[str, plt.Figure]:
@@ -266,31 +333,6 @@ def log_trial_artifacts(client: MlflowClient, run_id: str, checkpoint_dir: Path,
     log_figures(client, run_id, prediction_plots(checkpoint_dir / "val_predictions.npz", task, target))
 
 
-def optuna_figures(table: pd.DataFrame, space: Any, metric: str, mode: str) -> dict[str, plt.Figure]:
-    """Optuna's parameter importances and parallel coordinates (the 8 most important parameters) over the trials
-    that reported the metric, rebuilt as an Optuna study from their configs. Empty with fewer than 3 such trials."""
-    from optuna.visualization import matplotlib as ovm
-
-    scored = table[table[f"best_{metric}"].notna()]
-    if len(scored) < 3:
-        return {}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-    for config, value in zip(scored["config"], scored[f"best_{metric}"]):
-        params, dists = space.searched(config)
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(value)))
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    if not importances:
-        return {}
-    figs = {"param_importances.png": ovm.plot_param_importances(study, evaluator=evaluator).figure}
-    top = list(importances)[:8]
-    figs["parallel_coordinates.png"] = ovm.plot_parallel_coordinate(study, params=top).figure
-    for fig in figs.values():
-        fig.set_size_inches(10, 6)
-    return figs
-
-
 def best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     """The trials-table row with the best `best_<metric>` (None when no trial reported it)."""
     scores = table[f"best_{metric}"].dropna()
@@ -299,23 +341,87 @@ def best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     return table.loc[scores.idxmax() if mode == "max" else scores.idxmin()]
 
 
+SHARED_VIEW = "mlflow.sharedViewState."  # experiment tag prefix the UI reads a `viewStateShareKey` link's view from
+VIEW_PARAMS = 4  # sampled hyperparameters shown as columns
+
+
+def share_trials_view(client: MlflowClient, experiment: str, parent: str, metric: str, sampled: list[str]) -> None:
+    """Save, as the experiment's shared view keyed by the search's run id, its trials sorted best first by
+    `best_<metric>` with the metric, losses, the first sampled hyperparameters and the state tag as columns (no URL
+    parameter of the MLflow UI chooses columns; a shared view does)."""
+    from search.promote import metric_mode
+
+    columns = [f"metrics.`{m}`" for m in (f"best_{metric}", metric, "val_loss", "train_loss")]
+    columns += [f"params.`{p}`" for p in (["arch"] if "arch" in sampled else []) + sampled[:VIEW_PARAMS]]
+    state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{parent}'", "orderByKey": f"metrics.`best_{metric}`",
+             "orderByAsc": metric_mode(metric) == "min", "selectedColumns": list(dict.fromkeys(columns)) +
+             ["tags.`state`"]}
+    client.set_experiment_tag(experiment, SHARED_VIEW + parent, json.dumps(state))
+
+
+def trials_link(experiment: str, parent: str) -> str:
+    """The UI route (after `#`) of one search's trials in the view `share_trials_view` saved."""
+    return f"/experiments/{experiment}/runs?viewStateShareKey={parent}&workflowType=machine_learning"
+
+
+def _duration(seconds: float) -> str:
+    return time.strftime("%H:%M:%S" if seconds >= 3600 else "%M:%S", time.gmtime(seconds))
+
+
+def describe_search(client: MlflowClient, parent: str, champion: str | None = None) -> str:
+    """The parent run's description (tag `mlflow.note.content`, Markdown in the UI): best trial as a link, trials
+    finished / stopped / failed, wall time, the champion version once promoted, and the artifacts to open."""
+    run = client.get_run(parent)
+    tags, metrics, exp = run.data.tags, run.data.metrics, run.info.experiment_id
+    metric = next((k[len("best_"):] for k in metrics if k.startswith("best_")), None)
+    end = run.info.end_time or time.time() * 1000
+    lines = [f"**Search `{run.info.run_name}`**: {tags.get('approach', '?')} {tags.get('task', '')}"
+             f"{'' if tags.get('target') in (None, 'None') else ' of ' + tags['target']} on {tags.get('source', '?')}",
+             "",
+             f"- Trials: {tags.get('trials', '?')}: {metrics.get('trials_finished', 0):.0f} finished, "
+             f"{metrics.get('trials_pruned', 0) + metrics.get('trials_budget', 0):.0f} stopped early, "
+             f"{metrics.get('trials_failed', 0):.0f} failed; wall time {_duration((end - run.info.start_time) / 1000)}"]
+    if metric and "best_run_id" in tags:
+        lines.append(f"- Best: [trial {tags['best_trial_number']}](#/experiments/{exp}/runs/{tags['best_run_id']}) "
+                     f"with {metric} {metrics[f'best_{metric}']:.4f} (its run name starts with ★)")
+        lines.append(f"- [All trials, best first](#{trials_link(exp, parent)}); stopped ones: "
+                     "`tags.state = 'stopped'`")
+    champion = champion or tags.get("champion")
+    if champion:
+        lines.append(f"- Registered: {champion}")
+    lines.append("- Artifacts: `search_views.html` (Optuna's interactive figures), `trials.csv`, `search_space.yaml`, "
+                 f"`optuna_study.db` (`ecgsearch dashboard {run.info.run_name}`)")
+    return "\n".join(lines)
+
+
+def note_champion(client: MlflowClient, parent: str, text: str) -> None:
+    """Record on the search's run which registered version its best trial became (tag `champion`, description)."""
+    client.set_tag(parent, "champion", text)
+    client.set_tag(parent, "mlflow.note.content", describe_search(client, parent))
+
+
 def log_search_summary(client: MlflowClient, parent: str, table: pd.DataFrame, space: Any, metric: str,
                        mode: str) -> None:
-    """On the parent run: the trials table (CSV), Optuna plots, the best metric and which trial reached it."""
+    """On the parent run: the trials table (CSV), the Optuna views (search_views.html), the best metric and which
+    trial reached it (its run renamed `★ ...`, tag `winner`), trial counts and the description."""
+    from search.views import log_views
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trials.csv"
         table.drop(columns=["config"]).to_csv(path, index=False)
         client.log_artifact(parent, str(path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        log_figures(client, parent, optuna_figures(table, space, metric, mode))
+    log_views(client, parent, table, space, metric, mode)
     counts = table["status"].value_counts()
-    metrics = {f"trials_{s}": float(counts.get(s, 0)) for s in ("finished", "pruned", "failed")}
+    metrics = {f"trials_{s}": float(counts.get(s, 0)) for s in ("finished", "pruned", "budget", "failed")}
     row = best_row(table, metric, mode)
     if row is not None:
         metrics[f"best_{metric}"] = float(row[f"best_{metric}"])
         client.set_tag(parent, "best_trial_number", str(row["trial_number"]))
         client.set_tag(parent, "best_run_id", row["run_id"])
+        winner = client.get_run(row["run_id"])
+        client.update_run(row["run_id"], name=f"★ {winner.info.run_name.lstrip('★ ')}")
+        client.set_tag(row["run_id"], "winner", "true")
     now = int(time.time() * 1000)
     client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if math.isfinite(v)],
                      tags=[RunTag("trials", str(len(table)))])
+    client.set_tag(parent, "mlflow.note.content", describe_search(client, parent))
