@@ -1,17 +1,26 @@
-"""Promote a search's best trial to the MLflow Model Registry, moving the alias `champion` only on improvement.
+"""Promote a search's best trial, or an ensemble of its top trials, to the MLflow Model Registry, moving the alias
+`champion` only on improvement.
 
-The registered model is the pyfunc of `search/pyfunc_model.py`, with the trial's `model.pt` as its artifact. We choose
-pyfunc over `mlflow.pytorch.log_model` (whose default torch.export/pt2 format fixes the input length and needs an
-export per model): the wrapper loads the checkpoint with `ecgmodels.load_checkpoint` (weights_only), so the registry
-holds the same bytes the trial wrote.
+The registered model is the pyfunc of `search/pyfunc_model.py`, with a `model.pt` as its artifact. We choose pyfunc
+over `mlflow.pytorch.log_model` (whose default torch.export/pt2 format fixes the input length and needs an export per
+model): the wrapper loads the checkpoint with `ecgmodels.load_checkpoint` (weights_only), so the registry holds the
+same bytes the trial wrote (a single trial, logged on its child run) or an `ecgmodels.Ensemble` of those trials'
+models (logged on the search's run), each applying its fitted temperature.
+
+Single or ensemble: `ensemble=K` registers the greedy ensemble (search/ensemble.py) of up to K top trials (those
+with a logged model: the search's `top_k`). Without it, promote compares the single best trial with the ensemble
+of DEFAULT_ENSEMBLE by split-half cross-fitting on the validation rows (each chosen on one half, scored on the
+other, both ways) and registers the ensemble only when it wins there: on the rows that selected it an ensemble
+always looks at least as good. The `champion` comparison still uses each version's own validation metric, which
+for an ensemble is measured on the rows that selected it (tagged `selected_on_val`).
 """
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -19,14 +28,17 @@ import torch
 
 import ecgmodels
 from data_prep.errors import InputError
-from search import pyfunc_model, tracking
+from search import ensemble, metrics, pyfunc_model, tracking
 from search.pyfunc_model import predict
 
 ALIAS = "champion"
+DEFAULT_ENSEMBLE = 5  # top trials promote weighs an ensemble of against the single best, without --ensemble
+ENSEMBLE_METRICS = {"val_auc": metrics.macro_auc, "val_acc": metrics.accuracy, "val_mae": metrics.mae,
+                    "val_nll": metrics.nll, "val_brier": metrics.brier, "val_ece": metrics.ece}
 
 
 def metric_mode(metric: str) -> str:
-    return "min" if metric.endswith(("_mae", "_loss")) else "max"
+    return "min" if metric.endswith(("_mae", "_loss", "_nll", "_brier", "_ece")) else "max"
 
 
 @dataclass
@@ -38,6 +50,8 @@ class Promotion:
     value: float
     moved: bool
     message: str
+    kind: str = "single"  # or "ensemble"
+    members: list[str] = field(default_factory=list)  # trial numbers of the registered model's trials
 
 
 def find_search(client: Any, search: str) -> Any:
@@ -51,13 +65,21 @@ def find_search(client: Any, search: str) -> Any:
                               order_by=["attributes.start_time DESC"])
     runs = [r for r in runs if "trial_id" not in r.data.tags]
     if not runs:
-        raise InputError(f"--search {search}: no search run with that id or name in the tracking store")
+        raise InputError(f"no search run with id or name {search!r} in the tracking store")
     return runs[0]
 
 
-def best_trial(client: Any, parent: Any, metric: str, workdir: Path) -> tuple[Any, Path, dict]:
-    """The parent's child run whose logged checkpoint scores best on `metric` (read from the checkpoint itself, so
-    it is the value of the epoch that checkpoint holds), with the local model.pt and its extra."""
+class Scored(NamedTuple):
+    """A trial with a logged checkpoint: its metric value, child run, local model.pt and the checkpoint's extra."""
+    value: float
+    run: Any
+    path: Path
+    extra: dict
+
+
+def scored_trials(client: Any, parent: Any, metric: str, workdir: Path) -> list[Scored]:
+    """The parent's child runs with a logged checkpoint, best first on `metric` (read from the checkpoint itself,
+    so it is the value of the epoch that checkpoint holds)."""
     from ecgmodels.checkpoint import read_checkpoint
 
     children = client.search_runs([parent.info.experiment_id],
@@ -70,46 +92,140 @@ def best_trial(client: Any, parent: Any, metric: str, workdir: Path) -> tuple[An
         extra = read_checkpoint(path)["extra"]
         if metric not in extra:
             raise InputError(f"--metric {metric}: the checkpoints hold {', '.join(k for k in extra if 'val' in k)}")
-        scored.append((float(extra[metric]), run, path, extra))
+        scored.append(Scored(float(extra[metric]), run, path, extra))
     if not scored:
         raise InputError(f"search {parent.info.run_name} ({parent.info.run_id}) has no trial with a logged model")
     sign = 1 if metric_mode(metric) == "max" else -1
-    _, run, path, extra = max(scored, key=lambda s: sign * s[0])
-    return run, path, extra
+    return sorted(scored, key=lambda s: -sign * s.value)
+
+
+def best_trial(client: Any, parent: Any, metric: str, workdir: Path) -> tuple[Any, Path, dict]:
+    """The parent's child run whose logged checkpoint scores best on `metric`, with the local model.pt and extra."""
+    best = scored_trials(client, parent, metric, workdir)[0]
+    return best.run, best.path, best.extra
+
+
+class Choice(NamedTuple):
+    """What to register: the trials (best first for a single one), their weights, the metric value, and why."""
+    trials: list[Scored]
+    weights: list[float]
+    value: float
+    reason: str
+
+
+def _number(trial: Scored) -> str:
+    return trial.run.data.tags.get("trial_number", trial.run.info.run_id)
+
+
+def choose(client: Any, top: list[Scored], metric: str, k: int | None) -> Choice:
+    """The single best trial or the greedy ensemble of the top `k` (see the module docstring for `k` None)."""
+    single = Choice(top[:1], [1.0], top[0].value, f"the single best trial {_number(top[0])}")
+    pool = top[:k or DEFAULT_ENSEMBLE]
+    if k == 1 or len(pool) < 2:
+        return single if k == 1 else single._replace(reason=single.reason + " (the only trial with a logged model)")
+    task = top[0].extra["task"]
+    if metric not in ENSEMBLE_METRICS:
+        if k is None:
+            return single._replace(reason=single.reason + f" (an ensemble is not scored on {metric})")
+        raise InputError(f"--metric {metric}: an ensemble is scored on {', '.join(ENSEMBLE_METRICS)}")
+    preds = [ensemble.Predictions.load(client.download_artifacts(t.run.info.run_id, "val_predictions.npz",
+                                                                 str(t.path.parent))) for t in pool]
+    picked = ensemble.greedy(preds, task)
+    trials = [pool[m] for m in picked.members]
+    avg, truth = ensemble.average(preds, picked), ensemble.common_rows(preds)[0].y_true
+    value = ENSEMBLE_METRICS[metric](truth, avg)
+    names = ", ".join(f"{_number(t)} ({w:.2f})" for t, w in zip(trials, picked.weights))
+    chosen = Choice(trials, picked.weights, float(value), f"the greedy ensemble of trials {names} of the top "
+                    f"{len(pool)}")
+    if len(trials) == 1:
+        return single._replace(reason=single.reason + f" (greedy selection over the top {len(pool)} kept one trial)")
+    if k is not None:
+        return chosen
+    held = ensemble.compare(preds, task)
+    what, sign = ("macro AUC", 1) if task == "classification" else ("MAE", -1)
+    versus = (f"held-out half-split val {what} {sign * held.ensemble[0]:.4f} against the single best's "
+              f"{sign * held.single[0]:.4f}")
+    if held.ensemble_wins:
+        return chosen._replace(reason=chosen.reason + f": it scores {versus}")
+    return single._replace(reason=single.reason + f": the ensemble of the top {len(pool)} scores {versus}")
+
+
+def _register(client: Any, name: str, run_id: str, model: torch.nn.Module, path: Path, extra: dict) -> str:
+    """Log `path` as the pyfunc model on `run_id`, registered under `name`; its version."""
+    from mlflow.models import infer_signature
+
+    cfg = model.config
+    example = np.zeros((1, cfg["n_leads"], cfg["length"]), dtype=np.float32)
+    signature = infer_signature(example, predict(model, extra, example))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=pyfunc_model.__file__, artifacts={"model.pt": str(path)},
+            code_paths=[str(Path(ecgmodels.__file__).parent)], signature=signature,
+            input_example=example, registered_model_name=name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                              f"mlflow=={mlflow.__version__}"])
+    return str(info.registered_model_version)
+
+
+SHARED_EXTRA = ("task", "target", "classes", "rate", "target_mean", "target_std", "dataset_hash", "pretrained")
+
+
+def _ensemble_checkpoint(choice: Choice, metric: str, path: Path) -> tuple[torch.nn.Module, dict]:
+    """The chosen trials' models as one ecgmodels.Ensemble, saved at `path`, and its checkpoint extra."""
+    from ecgmodels import Ensemble, load_checkpoint, save_checkpoint
+
+    first = choice.trials[0].extra
+    single_label = first.get("config", {}).get("single_label", True)
+    model = Ensemble([load_checkpoint(t.path) for t in choice.trials], choice.weights,
+                     multi_label=first["task"] == "classification" and not single_label).eval()
+    extra = {**{k: first[k] for k in SHARED_EXTRA if k in first}, "config": {"single_label": single_label},
+             "members": [t.run.info.run_id for t in choice.trials], "weights": choice.weights, metric: choice.value}
+    save_checkpoint(model, path, extra=extra)
+    return model, extra
 
 
 def promote(search: str, name: str, metric: str = "val_auc", force: bool = False,
-            tracking_uri: str | None = None) -> Promotion:
-    """Register the best trial of `search` under `name`; move `champion` to it only when it beats the current
-    champion on `metric` (or `force`); tag lineage on the version."""
-    from mlflow.models import infer_signature
-
-    from ecgmodels import load_checkpoint
-
+            tracking_uri: str | None = None, ensemble: int | None = None) -> Promotion:
+    """Register the best trial of `search`, or the greedy ensemble of its top `ensemble` trials (None: whichever
+    of the two wins a split-half check, module docstring), under `name`; move `champion` to it only when it beats
+    the current champion on `metric` (or `force`); tag lineage on the version."""
+    if ensemble is not None and ensemble < 1:
+        raise InputError(f"--ensemble {ensemble}: give the number of top trials to ensemble (1 = the single best)")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client, uri = tracking.open_store(tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     parent = find_search(client, search)
     with tempfile.TemporaryDirectory() as tmp:
-        run, path, extra = best_trial(client, parent, metric, Path(tmp))
-        model = load_checkpoint(path).eval()
-        cfg = model.config
-        example = np.zeros((1, cfg["n_leads"], cfg["length"]), dtype=np.float32)
-        signature = infer_signature(example, predict(model, extra, example))
-        with mlflow.start_run(run_id=run.info.run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=pyfunc_model.__file__, artifacts={"model.pt": str(path)},
-                code_paths=[str(Path(ecgmodels.__file__).parent)], signature=signature,
-                input_example=example, registered_model_name=name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                                  f"mlflow=={mlflow.__version__}"])
-    version, value = str(info.registered_model_version), float(extra[metric])
-    tags = {"search_run_id": parent.info.run_id, "search_name": parent.info.run_name, "run_id": run.info.run_id,
-            "trial_id": run.data.tags.get("trial_id", ""), "trial_number": run.data.tags.get("trial_number", ""),
+        choice = choose(client, scored_trials(client, parent, metric, Path(tmp)), metric, ensemble)
+        return register(client, parent, name, metric, choice, force, Path(tmp))
+
+
+def register(client: Any, parent: Any, name: str, metric: str, choice: Choice, force: bool,
+             workdir: Path) -> Promotion:
+    """Register what `choice` holds (one trial, or an Ensemble of several built in `workdir`) under `name` with its
+    lineage tags, and move `champion` to it if it wins (`_champion`)."""
+    from ecgmodels import load_checkpoint
+
+    run_ids = [t.run.info.run_id for t in choice.trials]
+    if len(choice.trials) == 1:
+        (trial,) = choice.trials
+        model, extra, logged_on = load_checkpoint(trial.path).eval(), trial.extra, trial.run.info.run_id
+        version = _register(client, name, logged_on, model, trial.path, extra)
+    else:
+        path = workdir / "ensemble" / "model.pt"
+        model, extra = _ensemble_checkpoint(choice, metric, path)
+        logged_on = parent.info.run_id
+        version = _register(client, name, logged_on, model, path, extra)
+    kind, value, numbers = ("single" if len(run_ids) == 1 else "ensemble"), choice.value, \
+        [_number(t) for t in choice.trials]
+    tags = {"search_run_id": parent.info.run_id, "search_name": parent.info.run_name, "run_id": logged_on,
+            "trial_id": ",".join(t.run.data.tags.get("trial_id", "") for t in choice.trials),
+            "trial_number": ",".join(numbers), "kind": kind, "member_run_ids": ",".join(run_ids),
+            "member_weights": ",".join(f"{w:.4f}" for w in choice.weights), "choice": choice.reason,
             "dataset_hash": extra.get("dataset_hash", ""), "pretrained": ",".join(extra.get("pretrained", [])),
             "task": extra["task"], "target": str(extra.get("target")), "rate": str(extra.get("rate")),
-            "metric": metric, metric: str(value),
+            "metric": metric, metric: str(value), "selected_on_val": str(kind == "ensemble").lower(),
             **{k: v for k, v in parent.data.tags.items() if k.startswith("pretrained.")}}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
@@ -117,7 +233,7 @@ def promote(search: str, name: str, metric: str = "val_auc", force: bool = False
     moved, message = _champion(client, name, version, metric, value, force)
     if moved:
         client.set_registered_model_alias(name, ALIAS, version)
-    return Promotion(name, version, value, moved, message)
+    return Promotion(name, version, value, moved, f"registered {choice.reason}. {message}", kind, numbers)
 
 
 def _champion(client: Any, name: str, version: str, metric: str, value: float, force: bool) -> tuple[bool, str]:

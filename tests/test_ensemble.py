@@ -1,0 +1,173 @@
+"""Ensemble champions: Caruana selection on real trials' validation predictions, the Ensemble checkpoint, and
+promote registering one pyfunc whose probabilities are the members' calibrated ones, averaged (through real Ray,
+real MLflow on sqlite and real training on the small fixture)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from data_prep.dataset import open_dataset
+from ecgmodels import Ensemble, load_checkpoint, save_checkpoint, set_temperature
+from search import metrics
+from search.cli import main
+from search.ensemble import Predictions, average, compare, greedy, score
+from search.promote import Choice, find_search, promote, register, scored_trials
+from search.spec import SearchSpec
+from search.tuner import run_search
+from search_fixtures import local_ray, small_ptbxl  # noqa: F401 (fixtures)
+from test_promote import TINY
+
+
+@pytest.fixture(scope="module")
+def search(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """Two 2-epoch trials of one search, every one with its checkpoint logged; their files downloaded."""
+    tmp = tmp_path_factory.mktemp("ensemble")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=2, max_epochs=2, tracking_uri=uri,
+                                   space_overrides={**TINY, "lr": 3e-3}, storage_path=tmp / "ray", name="ens",
+                                   top_k=2, asha=False))
+    client = MlflowClient(uri)
+    trials = {}
+    for run in client.search_runs([result.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"):
+        where = tmp / run.info.run_id
+        trials[run.info.run_id] = {f: Path(client.download_artifacts(run.info.run_id, f, str(where)))
+                                   for f in ("model.pt", "val_predictions.npz")}
+    assert len(trials) == 2
+    return uri, trials
+
+
+def val_signals(data: Path, rows: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(open_dataset(data).signals[rows], dtype=np.float32))
+
+
+def test_greedy_keeps_the_perfect_model_alone_and_pairs_complementary_ones():
+    y = np.arange(40) % 2
+    rows = np.arange(40)
+    truth = Predictions(y, np.eye(2)[y] * 0.8 + 0.1, rows)
+    noise = Predictions(y, np.full((40, 2), 0.5), rows)
+    picked = greedy([noise, truth, noise], "classification")
+    assert picked.members == [1] and picked.weights == [1.0]
+
+    # two equally good models with independent errors: their mean ranks better than either
+    rng = np.random.default_rng(0)
+    logits = [2 * y - 1 + 1.5 * rng.standard_normal(40) for _ in range(2)]
+    pair = [Predictions(y, np.c_[1 - p, p], rows) for p in (1 / (1 + np.exp(-z)) for z in logits)]
+    picked = greedy(pair, "classification")
+    assert sorted(picked.members) == [0, 1]
+    alone = max(score(y, c.y_score, "classification") for c in pair)
+    assert picked.score > alone and picked.score == pytest.approx(score(y, average(pair, picked), "classification"))
+
+
+def test_selection_on_real_trials_is_the_ensemble_module_on_their_checkpoints(search, small_ptbxl):
+    uri, trials = search
+    files = list(trials.values())
+    preds = [Predictions.load(f["val_predictions.npz"]) for f in files]
+    picked = greedy(preds, "classification")
+    assert sum(picked.weights) == pytest.approx(1) and set(picked.members) <= {0, 1}
+    y = preds[0].y_true
+    assert picked.score >= max(score(y, p.y_score, "classification") for p in preds)
+
+    model = Ensemble([load_checkpoint(files[m]["model.pt"]) for m in picked.members], picked.weights).eval()
+    with torch.inference_mode():
+        got = torch.softmax(model(val_signals(small_ptbxl, preds[0].rows)), 1).numpy()
+    np.testing.assert_allclose(got, average(preds, picked), atol=1e-5)  # the npz holds calibrated probabilities
+    held = compare(preds, "classification")
+    assert len(held.single) == len(held.ensemble) == 2 and np.isfinite(held.single[1])
+
+
+def test_ensemble_checkpoint_round_trip(search, tmp_path):
+    _, trials = search
+    members = [load_checkpoint(f["model.pt"]) for f in trials.values()]
+    model = Ensemble(members, [3, 1]).eval()
+    save_checkpoint(model, tmp_path / "ens.pt", extra={"members": list(trials)})
+    loaded = load_checkpoint(tmp_path / "ens.pt").eval()
+    x = torch.randn(3, 8, 1000)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.config["weights"] == [0.75, 0.25] and loaded.frozen == [0, 0]
+    assert [m.temperature.item() for m in loaded.members] == [m.temperature.item() for m in members]
+
+
+def registered(uri: str, name: str, version: str, x: np.ndarray) -> tuple[dict, np.ndarray]:
+    mlflow.set_tracking_uri(uri)
+    return (MlflowClient(uri).get_model_version(name, version).tags,
+            mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(x))
+
+
+def check_registered_mean(uri: str, name: str, version: str, trials: dict, x: np.ndarray) -> dict:
+    """The registered model predicts the tagged weighted mean of its members' calibrated probabilities."""
+    tags, got = registered(uri, name, version, x)
+    members, weights = tags["member_run_ids"].split(","), [float(w) for w in tags["member_weights"].split(",")]
+    assert set(members) <= set(trials) and sum(weights) == pytest.approx(1, abs=1e-3)
+    assert tags["kind"] == ("ensemble" if len(members) > 1 else "single")
+    with torch.inference_mode():
+        want = sum(w * torch.softmax(load_checkpoint(trials[m]["model.pt"]).eval()(torch.from_numpy(x)), 1)
+                   for m, w in zip(members, weights)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3)  # weights are tagged to 4 decimals
+    np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
+    return tags
+
+
+def test_an_ensemble_registers_as_one_pyfunc_with_its_members_as_lineage(search, small_ptbxl, tmp_path):
+    uri, trials = search
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)  # what promote() sets before it registers
+    mlflow.set_registry_uri(uri)
+    parent = find_search(client, "ens")
+    top = scored_trials(client, parent, "val_auc", tmp_path)
+    pair = Choice(top[:2], [0.75, 0.25], top[0].value, "a chosen pair")
+    done = register(client, parent, "ecg-pair", "val_auc", pair, False, tmp_path)
+    assert done.kind == "ensemble" and done.message.startswith("registered a chosen pair")
+    x = np.asarray(open_dataset(small_ptbxl).signals[:16], dtype=np.float32)
+    tags = check_registered_mean(uri, "ecg-pair", done.version, trials, x)
+    assert tags["member_run_ids"] == ",".join(t.run.info.run_id for t in top[:2])
+    assert tags["run_id"] == parent.info.run_id and tags["member_weights"] == "0.7500,0.2500"
+    assert tags["trial_number"] == ",".join(t.run.data.tags["trial_number"] for t in top[:2])
+
+
+def test_promote_ensemble_registers_the_greedy_choice(search, small_ptbxl, capsys):
+    uri, trials = search
+    assert main(["promote", "--search", "ens", "--name", "ecg-ens", "--ensemble", "2", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    (version,) = [v.version for v in MlflowClient(uri).search_model_versions("name = 'ecg-ens'")]
+    x = np.asarray(open_dataset(small_ptbxl).signals[:16], dtype=np.float32)
+    tags = check_registered_mean(uri, "ecg-ens", version, trials, x)
+    several = tags["kind"] == "ensemble"
+    assert ("registered the greedy ensemble of trials" in out) == several
+    assert several or "greedy selection over the top 2 kept one trial" in out
+
+
+def test_promote_without_the_flag_weighs_single_against_ensemble_and_says_which(search):
+    uri, _ = search
+    done = promote("ens", "ecg-auto", tracking_uri=uri)
+    tags = MlflowClient(uri).get_model_version("ecg-auto", done.version).tags
+    said = "registered the greedy ensemble" if done.kind == "ensemble" else "registered the single best trial"
+    assert done.message.startswith(said) and tags["choice"] in done.message and tags["kind"] == done.kind
+    assert "held-out half-split val macro AUC" in done.message or "kept one trial" in done.message
+
+
+def test_registered_model_applies_the_fitted_temperature(search, small_ptbxl):
+    uri, trials = search
+    done = promote("ens", "ecg-one", tracking_uri=uri, ensemble=1)
+    tags = MlflowClient(uri).get_model_version("ecg-one", done.version).tags
+    files = trials[tags["member_run_ids"]]
+    npz = np.load(files["val_predictions.npz"])
+    x, y = val_signals(small_ptbxl, npz["rows"]), npz["y_true"]
+    _, got = registered(uri, "ecg-one", done.version, x.numpy())
+    model = load_checkpoint(files["model.pt"]).eval()
+    t = model.temperature.item()
+    set_temperature(model, 1.0)
+    with torch.inference_mode():
+        raw = model(x)
+    assert t != 1.0  # the trial fitted one
+    calibrated, plain = torch.softmax(raw / t, 1).numpy(), torch.softmax(raw, 1).numpy()
+    np.testing.assert_allclose(got, calibrated, atol=1e-5)
+    nll, nll_plain = metrics.nll(y, got), metrics.nll(y, plain)
+    ece, ece_plain = metrics.ece(y, got), metrics.ece(y, plain)
+    assert nll <= nll_plain + 1e-6, f"T={t:.3f}: NLL {nll:.4f} vs {nll_plain:.4f} at T=1 (ECE {ece:.3f} vs {ece_plain:.3f})"
