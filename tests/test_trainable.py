@@ -18,11 +18,13 @@ from data_prep.deepfake import prepare_deepfake
 from data_prep.ptbxl import prepare_ptbxl
 from ecgmodels import create_model, load_checkpoint
 from ecgmodels.checkpoint import read_checkpoint
+from search import metrics
 from search.trainable import run_trial, train_trial
 
 TINY = {"arch": "inception1d", "arch.depth": 6, "arch.filters": 8, "arch.bottleneck": 8, "batch_size": 16,
         "threads": 1, "seed": 3}
 CLASSIFICATION_KEYS = {"epoch", "train_loss", "val_loss", "train_acc", "train_auc", "val_acc", "val_auc", "lr",
+                       "val_auc_classes", "val_nll", "val_brier", "val_ece", "temperature",
                        "best_val_auc", *(f"val_f1_{c}" for c in CLASSES)}
 
 
@@ -216,3 +218,71 @@ def test_batchnorm_statistics_are_the_exact_average_over_training_batches_and_fr
     assert torch.allclose(free_bn.running_mean, want, atol=1e-5)
     assert torch.equal(frozen_bn.running_mean, frozen_before)
     assert free_bn.momentum == 0.1
+
+
+def test_train_metrics_are_clean_and_the_kept_checkpoint_is_calibrated(data: Path, tmp_path: Path) -> None:
+    """Train metrics come from the training rows in eval mode without augmentation (here all of them: fewer than
+    TRAIN_EVAL_ROWS), at the temperature fitted on the val rows, which the checkpoint keeps."""
+    heavy = {"aug.noise.p": 1.0, "aug.noise.strength": 0.5, "aug.time_mask.p": 1.0, "aug.time_mask.strength": 0.5}
+    reports: list = []
+    best = run_trial(config(data, max_epochs=3, lr=0.01, **heavy), report=collect(reports), workdir=tmp_path)
+    ds = open_dataset(data)
+    train_rows = ds.select("train", single_label=True)
+    model = load_checkpoint(tmp_path / "best" / "model.pt")
+    assert float(model.temperature) == pytest.approx(best["temperature"]) and best["temperature"] != 1.0
+    probs = torch.softmax(torch.from_numpy(val_outputs(model, data, train_rows)), 1).numpy()
+    y_train = ds.labels["label"].to_numpy()[train_rows]
+    assert best["train_acc"] == pytest.approx(metrics.accuracy(y_train, probs))
+    assert best["train_auc"] == pytest.approx(metrics.macro_auc(y_train, probs), abs=1e-6)
+
+    saved = np.load(tmp_path / "best" / "val_predictions.npz")
+    y, s = saved["y_true"], saved["y_score"]
+    assert best["val_nll"] == pytest.approx(metrics.nll(y, s)) and best["val_ece"] == pytest.approx(metrics.ece(y, s))
+    assert best["val_brier"] == pytest.approx(metrics.brier(y, s))
+    uncalibrated = torch.softmax(torch.from_numpy(val_outputs(model, data, saved["rows"])) * best["temperature"], 1)
+    assert best["val_nll"] < metrics.nll(y, uncalibrated.numpy().astype(np.float64))  # the fit lowered the NLL
+    assert best["val_auc_classes"] == metrics.auc_classes(y, 5)
+    assert all({"val_nll", "val_brier", "val_ece", "val_auc_classes", "temperature"} <= set(f) for f, _ in reports)
+
+
+def test_a_resumed_trial_trains_on_as_an_uninterrupted_one(data: Path, tmp_path: Path) -> None:
+    """The checkpoint holds its temperature, but training goes on at temperature 1, resumed or not."""
+    cfg = config(data, max_epochs=2, lr=0.01)
+    whole: list = []
+    run_trial(cfg, report=collect(whole), workdir=tmp_path / "whole")
+    run_trial({**cfg, "max_epochs": 1}, report=collect([]), workdir=tmp_path / "first")
+    rest: list = []
+    run_trial(cfg, report=collect(rest), workdir=tmp_path / "rest", resume_from=tmp_path / "first" / "best")
+    assert [f["epoch"] for f, _ in rest] == [2]
+    assert rest[0][0]["train_loss"] == pytest.approx(whole[1][0]["train_loss"])
+    assert rest[0][0]["val_auc"] == pytest.approx(whole[1][0]["val_auc"])
+
+
+def test_cv_reports_the_mean_over_patient_grouped_folds_and_keeps_their_ensemble(data: Path, tmp_path: Path) -> None:
+    reports: list = []
+    best = run_trial(config(data, max_epochs=1, cv=3), report=collect(reports), workdir=tmp_path)
+    ds = open_dataset(data)
+    everyone = np.sort(np.concatenate([ds.select(s, single_label=True) for s in ("train", "val")]))
+    saved = np.load(tmp_path / "best" / "val_predictions.npz")
+    assert np.array_equal(np.sort(saved["rows"]), everyone)  # out of fold: every train+val row once
+    fold_aucs, patients = [], []
+    for i in range(3):
+        fold = read_checkpoint(tmp_path / "best" / f"fold_{i}" / "model.pt")["extra"]["config"]["rows"]
+        part = np.isin(saved["rows"], fold["val"])
+        member = load_checkpoint(tmp_path / "best" / f"fold_{i}" / "model.pt")
+        probs = torch.softmax(torch.from_numpy(val_outputs(member, data, saved["rows"][part])), 1).numpy()
+        np.testing.assert_allclose(probs, saved["y_score"][part], atol=1e-5)
+        fold_aucs.append(metrics.macro_auc(saved["y_true"][part], saved["y_score"][part]))
+        patients.append(set(ds.labels["patient_id"].to_numpy()[fold["val"]]))
+        assert not patients[-1] & set(ds.labels["patient_id"].to_numpy()[fold["train"]])
+    assert not (patients[0] & patients[1]) and not (patients[1] & patients[2])
+    assert best["val_auc"] == pytest.approx(np.mean(fold_aucs))
+    ensemble = load_checkpoint(tmp_path / "best" / "model.pt")
+    assert read_checkpoint(tmp_path / "best" / "model.pt")["extra"]["val_auc"] == best["val_auc"]
+    members = [load_checkpoint(tmp_path / "best" / f"fold_{i}" / "model.pt") for i in range(3)]
+    rows = everyone[:5]
+    mean = np.mean([torch.softmax(torch.from_numpy(val_outputs(m, data, rows)), 1).numpy() for m in members], 0)
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(val_outputs(ensemble, data, rows)), 1).numpy(), mean,
+                               atol=1e-5)
+    with pytest.raises(InputError, match="cv 0"):
+        run_trial(config(data, cv=0))
