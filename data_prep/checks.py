@@ -76,6 +76,8 @@ def physiological(labels: pd.DataFrame, what: str, strict: bool) -> tuple[pd.Dat
     for t in TARGETS:
         lo, hi = PHYSIOLOGICAL[t]
         bad = labels[t].notna() & ~labels[t].between(lo, hi)
+        if not bad.any():
+            continue
         for i in np.flatnonzero(bad.to_numpy()):
             dropped.append(dropped_label(labels["record_id"].iloc[i], t, labels[t].iloc[i],
                                     f"outside {lo:g}-{hi:g} {TARGET_UNITS[t]}", what, strict))

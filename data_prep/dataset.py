@@ -13,6 +13,7 @@ only a directory whose manifest says it is a prepared dataset.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -221,6 +222,7 @@ def is_current(out: str | Path, key: str) -> bool:
     return manifest is not None and is_ours(manifest) and manifest.get("cache_key") == key
 
 
+@functools.lru_cache
 def package_versions(*names: str) -> dict[str, str]:
     found = {}
     for n in ("numpy", "pandas", *names):

@@ -175,7 +175,7 @@ def read_ground_truth(path: Path, strict: bool = False) -> tuple[pd.DataFrame, l
     values, not_numbers = checks.numbers(table, ["avgrrinterval", "pr", "qrs", "qt"], ids, WHAT, strict)
     with np.errstate(divide="ignore"):
         hr = 60000.0 / values["avgrrinterval"]
-    labels = pd.DataFrame({"hr": hr.replace([np.inf, -np.inf], np.nan), **{t: values[t] for t in ("pr", "qrs", "qt")}})
+    labels = pd.DataFrame({"hr": hr, **{t: values[t] for t in ("pr", "qrs", "qt")}})  # inf: dropped, named later
     labels.index = ids.to_numpy()
     return labels, dropped + not_numbers
 

@@ -52,6 +52,8 @@ def prepare_ptbxl(root: str | Path, out: str | Path, rate: int = 100, features: 
     if is_current(out, key):
         return out
 
+    for s in skipped_meta:
+        tqdm.write(f"skipping {WHAT} {s['record']}: {s['reason']}")
     meta = assign_splits(meta, split, seed)
     dropped: list[dict] = []
     if twelve_sl is not None:
@@ -113,8 +115,7 @@ def read_12sl(path: Path, strict: bool = False) -> tuple[pd.DataFrame, list[dict
     with np.errstate(divide="ignore"):
         labels = pd.DataFrame({"hr": 60000.0 / values["RR_Mean_Global"],
                                **{t: values[c] for t, c in TWELVE_SL.items()}}).astype(float)
-    labels.index = ids.to_numpy()
-    labels = labels.replace([np.inf, -np.inf], np.nan)
+    labels.index = ids.to_numpy()  # an RR of 0 gives an infinite HR, which `checks.physiological` drops and names
     labels["label_note"] = np.where(labels.isna().any(axis=1), "missing in 12SL features", "")
     return labels, dropped + not_numbers
 

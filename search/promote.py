@@ -191,6 +191,8 @@ def promote(search: str, name: str, metric: str = "val_auc", force: bool = False
     the current champion on `metric` (or `force`); tag lineage on the version."""
     if ensemble is not None and ensemble < 1:
         raise InputError(f"--ensemble {ensemble}: give the number of top trials to ensemble (1 = the single best)")
+    if not name.strip() or any(c in name for c in "/:'\"") or ".." in name:
+        raise InputError(f"--name {name!r}: a registered model name is not empty and holds no / : ' \" or ..")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client, uri = tracking.open_store(tracking_uri)
     mlflow.set_tracking_uri(uri)
@@ -208,6 +210,9 @@ def register(client: Any, parent: Any, name: str, metric: str, choice: Choice, f
     from ecgmodels import load_checkpoint
 
     run_ids = [t.run.info.run_id for t in choice.trials]
+    earlier = _registered(client, name, run_ids)
+    if earlier is not None:
+        return _already(client, name, earlier, metric, force, choice)
     if len(choice.trials) == 1:
         (trial,) = choice.trials
         model, extra, logged_on = load_checkpoint(trial.path).eval(), trial.extra, trial.run.info.run_id
@@ -234,6 +239,32 @@ def register(client: Any, parent: Any, name: str, metric: str, choice: Choice, f
     if moved:
         client.set_registered_model_alias(name, ALIAS, version)
     return Promotion(name, version, value, moved, f"registered {choice.reason}. {message}", kind, numbers)
+
+
+def _registered(client: Any, name: str, run_ids: list[str]) -> Any:
+    """The version of `name` that already holds exactly these trials, if one does."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:  # no such registered model yet
+        return None
+    members = ",".join(run_ids)
+    return next((v for v in versions if v.tags.get("member_run_ids", v.tags.get("run_id")) == members), None)
+
+
+def _already(client: Any, name: str, earlier: Any, metric: str, force: bool, choice: Choice) -> Promotion:
+    """Promoting the same trials again registers nothing: say which version holds them, and move `champion` to it
+    only as a new version would move."""
+    value = float(earlier.tags.get(metric, "nan"))
+    if ALIAS in (earlier.aliases or []):
+        moved, message = False, f"it is {ALIAS}"
+    else:
+        moved, message = _champion(client, name, earlier.version, metric, value, force)
+        if moved:
+            client.set_registered_model_alias(name, ALIAS, earlier.version)
+    numbers = [_number(t) for t in choice.trials]
+    return Promotion(name, str(earlier.version), value, moved,
+                     f"{choice.reason} is already {name} version {earlier.version}: nothing registered; {message}",
+                     "single" if len(numbers) == 1 else "ensemble", numbers)
 
 
 def _champion(client: Any, name: str, version: str, metric: str, value: float, force: bool) -> tuple[bool, str]:

@@ -6,8 +6,12 @@ execution, 2 processes and about 0.4 GiB instead of 15 and 2.3 GiB.
 """
 from __future__ import annotations
 
+import base64
+import http.client
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,18 +19,81 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from data_prep.errors import InputError
 
 
+_SECRET_PARAMETER = re.compile(r"(?i)([?&;](?:password|passwd|pwd|secret|token|api_?key|access_?key|secret_?key)=)"
+                               r"[^&;#]*")
+
+
+def _password_span(uri: str) -> tuple[int, int] | None:
+    """Where the password of `scheme://user:password@host...` lies in `uri` (any scheme, even a malformed URI, so a
+    password holding '@' or '/' is still all masked); None without one."""
+    start = uri.find("//")
+    if start < 0:
+        return None
+    end = min([i for i in (uri.find("?", start), uri.find("#", start)) if i >= 0] or [len(uri)])
+    at, colon = uri.rfind("@", start, end), uri.find(":", start + 2)
+    if not start + 2 <= colon < at or any(c in uri[start + 2:colon] for c in "/@"):
+        return None
+    return colon + 1, at
+
+
 def mask_uri(uri: str) -> str:
-    """`uri` with any password replaced by ***, safe to print or log."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    """`uri` with any password (of the user part, in every scheme, or a password= style parameter) replaced by ***,
+    safe to print or log."""
+    uri, span = str(uri), _password_span(str(uri))
+    if span:
+        uri = uri[:span[0]] + "***" + uri[span[1]:]
+    return _SECRET_PARAMETER.sub(r"\1***", uri)
+
+
+def mask_text(text: str, uri: str) -> str:
+    """`text` (an error message) with `uri` masked and its password, as given or URL-decoded, replaced by ***."""
+    text, span = str(text).replace(uri, mask_uri(uri)), _password_span(uri)
+    secrets = {uri[span[0]:span[1]], unquote(uri[span[0]:span[1]])} if span else set()
+    secrets |= {m.group(0).split("=", 1)[1] for m in _SECRET_PARAMETER.finditer(uri)}
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def check_http(uri: str, setting: str) -> None:
+    """InputError with the real cause unless the MLflow server at `uri` answers /health; a user and password in
+    the URI go as HTTP basic auth, as MLflow's client sends them (urllib would take them for the host)."""
+    try:
+        parts = urlsplit(uri)
+        request = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+                                         .rstrip("/") + "/health")
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            answer.read()
+        return
+    except urllib.error.HTTPError as e:
+        cause = f"HTTP {e.code} {e.reason}" + ("; check the user and password" if e.code in (401, 403) else "")
+    except urllib.error.URLError as e:
+        cause = str(e.reason)
+    except (OSError, ValueError, http.client.HTTPException) as e:  # a malformed URI or port, a reset connection
+        cause = f"{type(e).__name__}: {e}"
+    raise InputError(f"{setting} {mask_uri(uri)} does not answer ({mask_text(cause, uri)}); start the server or fix "
+                     "the URI")
+
+
+def check_port(host: str, port: int) -> None:
+    """InputError unless `host:port` is free (else a new server would fail to bind while another one answers)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OverflowError:
+            raise InputError(f"--port {port}: a port is 1-65535") from None
+        except OSError as e:
+            raise InputError(f"--port {port}: {host}:{port} is in use or unavailable ({e.strerror}); another server "
+                             "answers there: choose another --port") from None
 
 
 @dataclass
@@ -66,6 +133,7 @@ def start_server(backend_store_uri: str, artifacts_destination: str | Path, host
     """
     if is_postgres(backend_store_uri):
         connect_postgres(backend_store_uri, "--backend-store-uri").close()
+    check_port(host, port)
     destination = str(artifacts_destination)
     is_local = "://" not in destination
     if is_local:
@@ -112,12 +180,12 @@ def connect_postgres(uri: str, setting: str):
     parts = urlsplit(uri)
     try:
         return psycopg.connect(urlunsplit(parts._replace(scheme="postgresql")), autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as e:
-        raise InputError(f"{setting} {mask_uri(uri)}: cannot connect ({str(e).strip().replace(uri, mask_uri(uri))}); "
+    except psycopg.Error as e:  # cannot connect, or a malformed connection string
+        raise InputError(f"{setting} {mask_uri(uri)}: cannot connect ({mask_text(' '.join(str(e).split()), uri)}); "
                          f"create the database first, e.g. createdb -h {parts.hostname} -U {parts.username} "
                          f"{parts.path.lstrip('/')}") from None
 
 
 def _tail(log_path: Path, secret_uri: str, lines: int = 15) -> str:
-    text = log_path.read_text(errors="replace").replace(secret_uri, mask_uri(secret_uri))
+    text = mask_text(log_path.read_text(errors="replace"), secret_uri)
     return "\n".join(text.splitlines()[-lines:])

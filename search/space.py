@@ -10,6 +10,7 @@ before Ray starts; a bad setting is one InputError line naming it.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,8 @@ def parse_dim(name: str, spec: Any, kind: type, lo: float | None = None, hi: flo
             v = float(v)
         if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
             raise InputError(f"search space: {name}: {v!r} is not {kind.__name__}")
+        if kind is float and not math.isfinite(v):
+            raise InputError(f"search space: {name}: {v!r} is not a finite number")
         if allowed is not None and v not in allowed:
             raise InputError(f"search space: {name}: unknown {v!r}; choose from {', '.join(map(str, allowed))}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -140,7 +143,7 @@ def read_yaml(path: str | Path, what: str = "search space") -> dict:
         raise InputError(f"{what}: {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputError(f"{what}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise InputError(f"{what}: {path} must hold a mapping of settings, got {type(data).__name__}")
@@ -180,6 +183,8 @@ class SearchSpace:
         self.schedule_dims = self._conditional("schedules", spec.get("schedules") or {}, SCHEDULE_PARAMS,
                                                self._values("schedule"), "schedule")
         aug = spec.get("aug") or {}
+        if not isinstance(aug, dict) or not all(isinstance(v or {}, dict) for v in aug.values()):
+            raise InputError(f"search space: aug: a mapping of augmentation -> {{p, strength}}, got {aug!r}")
         for a, params in aug.items():
             if a not in AUGMENTATIONS:
                 raise InputError(f"search space: aug.{a}: unknown augmentation; known: {', '.join(AUGMENTATIONS)}")
@@ -221,9 +226,13 @@ class SearchSpace:
                      types: dict[str, dict] | None = None) -> dict[str, list[Dim]]:
         """`archs:` / `schedules:` -> the dims each choice brings, named `<prefix>.<param>`."""
         out: dict[str, list[Dim]] = {}
+        if not isinstance(spec, dict):
+            raise InputError(f"search space: {section}: a mapping of choice -> parameters, got {spec!r}")
         for choice, params in spec.items():
             if choice not in known:
                 raise InputError(f"search space: {section}.{choice}: unknown; known: {', '.join(known)}")
+            if not isinstance(params or {}, dict):
+                raise InputError(f"search space: {section}.{choice}: a mapping of parameters, got {params!r}")
             dims = []
             for p, v in (params or {}).items():
                 if p not in known[choice]:
