@@ -1,12 +1,15 @@
-"""Stage 3 of the study: scores with bootstrap confidence intervals, paired comparisons, reference models, tables.
+"""Stage 3's statistics and reference models: patient-level bootstrap intervals, paired differences, Holm, power.
 
 Everything here works on arrays: `y_true` class indices (n,) (single-label) or multi-hot (n, 5) (multi-label) and
-`y_score` (n, 5) probabilities of the classes in CLASSES order. The study gets the scores of its fine-tuned models on each split and adds two reference rows a reader
-needs beside them: the majority-class predictor and a classical model on per-lead signal features.
+`y_score` (n, 5) probabilities of the classes in CLASSES order, or (S, n, 5) for S retrainings with other seeds (a
+metric of such a score is the mean of its S values: what one retraining gets on average). `groups` (n,) are the
+patients of the rows: every resample draws patients with replacement and takes all their records, so a patient's
+several ECGs never look like independent evidence; without it each row is its own patient. The study adds two
+reference rows a reader needs beside its models: the majority-class predictor and a classical model on per-lead
+signal features.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -18,41 +21,89 @@ from data_prep.constants import CLASSES
 from search.metrics import accuracy, macro_auc, per_class_auc
 
 SPLITS = ("train", "val", "test")
+REFERENCES = ("majority", "classical")  # reference rows: compared with the baseline, outside the Holm family
+POWER = 0.8
 Metric = Callable[[np.ndarray, np.ndarray], float]
 METRICS: dict[str, Metric] = {"acc": accuracy, "auc": macro_auc}
 
 
-def _resamples(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) row indices drawn with replacement, the same for every model scored with the same seed."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+def value(metric: Metric, y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """metric of a (n, 5) score, or the mean over seeds of a (S, n, 5) one."""
+    if np.ndim(y_score) == 3:
+        found = [metric(y_true, s) for s in y_score]
+        return float(np.nanmean(found)) if np.isfinite(found).any() else float("nan")
+    return metric(y_true, y_score)
+
+
+def patient_resamples(groups: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    """`n_boot` row-index arrays, each the records of as many patients as there are, drawn with replacement (the
+    same draws for every model scored with the same groups and seed: paired comparisons)."""
+    _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+            for _ in range(n_boot)]
+
+
+def _groups(groups: np.ndarray | None, n: int) -> np.ndarray:
+    return np.arange(n) if groups is None else np.asarray(groups)
+
+
+def resampled(y_true: np.ndarray, y_score: np.ndarray, metric: Metric, resamples: list[np.ndarray]) -> np.ndarray:
+    """The metric on each resample (NaN where it is undefined, e.g. a class without positives)."""
+    seeds = np.ndim(y_score) == 3
+    return np.array([value(metric, y_true[i], y_score[:, i] if seeds else y_score[i]) for i in resamples])
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    lo, hi = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
 def bootstrap_ci(y_true: np.ndarray, y_score: np.ndarray, metric: Metric, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
-    """The metric on all rows and its percentile bootstrap confidence interval: (value, low, high).
+                 level: float = 0.95, groups: np.ndarray | None = None) -> tuple[float, float, float]:
+    """The metric on all rows and its percentile patient-bootstrap confidence interval: (value, low, high)."""
+    values = resampled(y_true, y_score, metric, patient_resamples(_groups(groups, len(y_true)), n_boot, seed))
+    return (value(metric, y_true, y_score), *interval(values, level))
 
-    Resamples where the metric is undefined (NaN, e.g. no positives of any class) are left out.
+
+def compare(diff: float, diffs: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """A paired difference from its bootstrap replicates: CI, two-sided p-value and the minimal detectable
+    difference.
+
+    p is twice the smaller fraction of replicates on either side of zero (the percentile test that agrees with the
+    interval), floored at 1/(B+1): B resamples cannot show a smaller p. `mdd` is the smallest true difference this
+    n detects with POWER (80%) at the two-sided 1 - level: (z_{1-a/2} + z_power) x the bootstrap SE.
     """
-    values = np.array([metric(y_true[i], y_score[i]) for i in _resamples(len(y_true), n_boot, seed)])
-    lo, hi = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
-    return metric(y_true, y_score), float(lo), float(hi)
+    diffs = diffs[np.isfinite(diffs)]
+    lo, hi = interval(diffs, level)
+    p = max(1 / (len(diffs) + 1), min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
+    se = float(diffs.std(ddof=1)) if len(diffs) > 1 else float("nan")
+    mdd = (stats.norm.ppf(0.5 + level / 2) + stats.norm.ppf(POWER)) * se
+    return {"diff": float(diff), "low": lo, "high": hi, "p": float(p), "se": se, "mdd": float(mdd)}
 
 
 def paired_bootstrap(y_true: np.ndarray, score: np.ndarray, reference: np.ndarray, metric: Metric = macro_auc,
-                     n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
-    """metric(score) - metric(reference) on the same records, its bootstrap CI and a two-sided p-value.
+                     n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                     groups: np.ndarray | None = None) -> dict[str, float]:
+    """metric(score) - metric(reference) on the same resampled patients: diff, low, high, p, se, mdd (`compare`).
+    Both models are scored on the same resamples, so the records' difficulty cancels out."""
+    resamples = patient_resamples(_groups(groups, len(y_true)), n_boot, seed)
+    diffs = resampled(y_true, score, metric, resamples) - resampled(y_true, reference, metric, resamples)
+    return compare(value(metric, y_true, score) - value(metric, y_true, reference), diffs, level)
 
-    Both models are scored on the same resampled rows each time, so the records' difficulty cancels out. The p-value
-    is twice the smaller fraction of resampled differences on either side of zero (the percentile test that agrees
-    with the interval: p < 1 - level exactly when the interval excludes zero).
-    """
-    diffs = np.array([metric(y_true[i], score[i]) - metric(y_true[i], reference[i])
-                      for i in _resamples(len(y_true), n_boot, seed)])
-    diffs = diffs[np.isfinite(diffs)]
-    lo, hi = np.percentile(diffs, [50 * (1 - level), 50 * (1 + level)])
-    p = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
-    return {"diff": metric(y_true, score) - metric(y_true, reference), "low": float(lo), "high": float(hi),
-            "p": float(p)}
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (NaN entries are left out of the family)."""
+    p = np.asarray(p, dtype=float)
+    out = np.full_like(p, np.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    order = idx[np.argsort(p[idx])]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p[i]))
+        out[i] = running
+    return out
 
 
 def majority_scores(train_labels: np.ndarray, n: int) -> np.ndarray:
@@ -138,94 +189,60 @@ def model_scores(model: "torch.nn.Module", signals: np.ndarray, rows: np.ndarray
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
 
 
-def score_table(scores: dict[tuple[str, str], dict[str, tuple[np.ndarray, np.ndarray]]], baseline: tuple[str, str],
-                n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The study's results: one row per (approach, source) with accuracy and macro AUC per split and 95% CIs, the
-    test per-class AUC and the paired test-AUC difference against `baseline` (an (approach, source) key of `scores`).
+def class_counts(y_true: np.ndarray) -> dict[str, int]:
+    """Records per class (positives per class for multi-hot labels)."""
+    y = np.asarray(y_true)
+    counts = y.sum(0) if y.ndim == 2 else np.bincount(y, minlength=len(CLASSES))
+    return {c: int(n) for c, n in zip(CLASSES, counts)}
 
-    `scores[(approach, source)][split] = (y_true, y_score)`; every model must be scored on the same test records.
-    Returns (results, per_class): results has columns approach, source, {split}_{acc,auc}[_low,_high],
-    auc_diff[_low,_high], auc_diff_p; per_class has one row per model and a column per class (test split).
+
+def score_table(scores: dict[tuple[str, str], dict[str, tuple[np.ndarray, np.ndarray]]], baseline: tuple[str, str],
+                n_boot: int = 1000, seed: int = 0, groups: dict[str, np.ndarray] | None = None,
+                primary: str = "test") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's results: one row per (approach, source) with accuracy and macro AUC per split and patient-level
+    95% CIs, the seed spread, and on the `primary` split the per-class AUC and the paired AUC difference against
+    `baseline` with its p-value, Holm-adjusted p (over the non-reference comparisons) and minimal detectable
+    difference.
+
+    `scores[(approach, source)][split] = (y_true, y_score)`; every model must be scored on the same `primary`
+    records. `groups[split]` are the patients of a split's rows. Returns (results, per_class): results has columns
+    approach, source, {split}_n, {split}_{acc,auc}[_low,_high], seeds, seed_auc_{sd,min,max}, auc_diff[_low,_high],
+    auc_diff_p, auc_diff_p_holm, auc_diff_mdd; per_class one row per model with a column per class and `n_<class>`.
     """
-    truth = scores[baseline]["test"][0]
-    rows, per_class = [], []
-    for (approach, source), by_split in scores.items():
-        if not np.array_equal(by_split["test"][0], truth):
-            raise ValueError(f"{approach}/{source} was scored on other test records than {baseline}")
-        row = {"approach": approach, "source": source}
-        for split in SPLITS:
-            if split not in by_split:
-                continue
-            y, s = by_split[split]
+    groups = groups or {}
+    truth = scores[baseline][primary][0]
+    splits = [s for s in dict.fromkeys(sp for by in scores.values() for sp in by)]
+    draws = {sp: patient_resamples(_groups(groups.get(sp), len(scores[baseline][sp][0])), n_boot, seed)
+             for sp in splits if sp in scores[baseline]}
+    auc_draws, rows, per_class = {}, [], []
+    for key, by_split in scores.items():
+        if not np.array_equal(by_split[primary][0], truth):
+            raise ValueError(f"{key[0]}/{key[1]} was scored on other {primary} records than {baseline}")
+        row = {"approach": key[0], "source": key[1]}
+        for split, (y, s) in by_split.items():
             row[f"{split}_n"] = len(y)
             for name, fn in METRICS.items():
-                row[f"{split}_{name}"], row[f"{split}_{name}_low"], row[f"{split}_{name}_high"] = \
-                    bootstrap_ci(y, s, fn, n_boot, seed)
-        if (approach, source) != baseline:
-            d = paired_bootstrap(truth, by_split["test"][1], scores[baseline]["test"][1], macro_auc, n_boot, seed)
+                values = resampled(y, s, fn, draws[split])
+                row[f"{split}_{name}"] = value(fn, y, s)
+                row[f"{split}_{name}_low"], row[f"{split}_{name}_high"] = interval(values)
+                if split == primary and name == "auc":
+                    auc_draws[key] = values
+        s = by_split[primary][1]
+        seeds = [macro_auc(truth, x) for x in s] if np.ndim(s) == 3 else [row[f"{primary}_auc"]]
+        row.update(seeds=len(seeds), seed_auc_sd=float(np.std(seeds, ddof=1)) if len(seeds) > 1 else np.nan,
+                   seed_auc_min=min(seeds), seed_auc_max=max(seeds))
+        if key != baseline:
+            d = compare(row[f"{primary}_auc"] - value(macro_auc, truth, scores[baseline][primary][1]),
+                        auc_draws[key] - auc_draws[baseline])
             row.update({"auc_diff": d["diff"], "auc_diff_low": d["low"], "auc_diff_high": d["high"],
-                        "auc_diff_p": d["p"]})
+                        "auc_diff_p": d["p"], "auc_diff_mdd": d["mdd"]})
         rows.append(row)
-        per_class.append({"approach": approach, "source": source,
-                          **dict(zip(CLASSES, per_class_auc(truth, by_split["test"][1])))})
-    return pd.DataFrame(rows), pd.DataFrame(per_class)
-
-
-def _ci(row: pd.Series, col: str) -> str:
-    if col not in row or pd.isna(row[col]):
-        return "-"
-    return f"{row[col]:.3f} [{row[col + '_low']:.3f}, {row[col + '_high']:.3f}]"
-
-
-def markdown_tables(results: pd.DataFrame, per_class: pd.DataFrame) -> str:
-    """Table 3 (accuracy) and Table 4 (macro AUC) per approach and source with 95% CIs, the paired comparison
-    against the baseline and the test per-class AUC, as Markdown."""
-    def table(title: str, header: list[str], body: list[list[str]]) -> list[str]:
-        return [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                *("| " + " | ".join(r) + " |" for r in body), ""]
-
-    key = [[r.approach, r.source] for r in results.itertuples()]
-    n = {s: int(results[f"{s}_n"].max()) for s in SPLITS if f"{s}_n" in results}
-    out = []
-    for number, metric, title in ((3, "acc", "accuracy"), (4, "auc", "macro AUC (one-vs-rest)")):
-        out += table(f"Table {number}: {title}, 95% bootstrap CI",
-                     ["approach", "source", *(f"{s} (n={n[s]})" for s in n)],
-                     [k + [_ci(r, f"{s}_{metric}") for s in n] for k, (_, r) in zip(key, results.iterrows())])
-    diffs = results.dropna(subset=["auc_diff"]) if "auc_diff" in results else results.iloc[:0]
-    out += table("Test macro AUC minus the baseline's, paired bootstrap on the same test records",
-                 ["approach", "source", "difference [95% CI]", "p"],
-                 [[r["approach"], r["source"], _ci(r, "auc_diff"), f"{r['auc_diff_p']:.3f}"]
-                  for _, r in diffs.iterrows()])
-    out += table("Test AUC per class", ["approach", "source", *CLASSES],
-                 [[r["approach"], r["source"], *("-" if pd.isna(r[c]) else f"{r[c]:.3f}" for c in CLASSES)]
-                  for _, r in per_class.iterrows()])
-    return "\n".join(out)
-
-
-def plot_auc(results: pd.DataFrame, path: Path) -> Path:
-    """Test macro AUC with its 95% CI per approach and source (a horizontal error-bar chart), saved as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{a} / {s}" for a, s in zip(results["approach"], results["source"])]
-    y = np.arange(len(results))[::-1]
-    err = [results["test_auc"] - results["test_auc_low"], results["test_auc_high"] - results["test_auc"]]
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(results) + 1.2))
-    ax.errorbar(results["test_auc"], y, xerr=err, fmt="o", capsize=3)
-    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_yticks(y, labels)
-    ax.set_xlabel(f"test macro AUC, 95% bootstrap CI (n={int(results['test_n'].max())})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(results: pd.DataFrame, per_class: pd.DataFrame, out: Path) -> list[Path]:
-    """Write results.csv, per_class_auc.csv, tables.md and test_auc.png into `out`; return their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out / "results.csv", index=False)
-    per_class.to_csv(out / "per_class_auc.csv", index=False)
-    (out / "tables.md").write_text(markdown_tables(results, per_class))
-    return [out / "results.csv", out / "per_class_auc.csv", out / "tables.md", plot_auc(results, out / "test_auc.png")]
+        aucs = np.nanmean([per_class_auc(truth, x) for x in (s if np.ndim(s) == 3 else [s])], axis=0)
+        per_class.append({"approach": key[0], "source": key[1], **dict(zip(CLASSES, aucs)),
+                          **{f"n_{c}": n for c, n in class_counts(truth).items()}})
+    results = pd.DataFrame(rows)
+    if "auc_diff" in results:
+        family = results["auc_diff"].notna() & ~results["approach"].isin(REFERENCES)
+        results["auc_diff_p_holm"] = np.nan
+        results.loc[family, "auc_diff_p_holm"] = holm(results.loc[family, "auc_diff_p"].to_numpy())
+    return results, pd.DataFrame(per_class)

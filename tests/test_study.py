@@ -1,10 +1,11 @@
 """The study end to end on the embedded data with real Ray and MLflow (one trial per search, one epoch, a small
-cnn1d), its resumption, its plan, and its bad-config errors."""
+cnn1d; stage 3 cross-fitted over 3 folds x 2 seeds), its resumption, its plan, and its bad-config errors."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -28,7 +29,7 @@ def write_config(tmp: Path, file: str = "study.yaml", **changes) -> Path:
                      "max_epochs": 1, "space": SMALL_NET},
         "finetune": {"approaches": ["baseline", "single", "fused"], "sources": ["ptbxl-a", "deepfake"],
                      "num_samples": 1, "max_epochs": 1, "space": {**SMALL_NET, "freeze_depth": 2}},
-        "evaluate": {"n_boot": 200, "trees": 100},
+        "evaluate": {"n_boot": 200, "trees": 100, "folds": 3, "seeds": [0, 1]},
     }
     for section, value in changes.items():
         cfg[section] = {**cfg[section], **value} if section != "data" else value
@@ -55,23 +56,60 @@ def test_plan_before_running_lists_everything_to_run_and_creates_nothing(study):
     assert "15 searches, 15 trials, 0 already done, 15 to run" in before
     assert "pretrain-qrs-deepfake" in before and "-> ecg-qrs-deepfake" in before
     assert "stage 3 evaluate" in before and "  done" not in before
+    assert "3 patient-grouped folds x 2 seeds x 5 models = 30 retrainings" in before
+    assert "report-only" in before
 
 
-def test_tables_have_every_approach_and_source_with_intervals(study):
+def test_tables_have_every_approach_and_source_with_patient_intervals_and_holm(study, sample_dir):
     _, _, _, _, _, result = study
     table = pd.read_csv(result.tables["results.csv"])
     assert set(zip(table["approach"], table["source"])) == {
         ("majority", "-"), ("classical", "-"), ("baseline", "-"), ("single (qrs)", "ptbxl-a"),
         ("single (qrs)", "deepfake"), ("fused", "ptbxl-a"), ("fused", "deepfake")}
-    for split in ("train", "val", "test"):
-        for metric in ("acc", "auc"):
-            assert (table[f"{split}_{metric}_low"] <= table[f"{split}_{metric}"] + 1e-12).all()
-            assert (table[f"{split}_{metric}"] <= table[f"{split}_{metric}_high"] + 1e-12).all()
+    labels = pd.read_parquet(next((result.tables["results.csv"].parents[2] / "data").glob("ptbxl-*")) /
+                             "labels.parquet")
+    cohort = labels[(labels["half"] == "B") & (labels["label"] >= 0)]
+    assert (table["oof_n"] == len(cohort)).all()  # every single-label half-B record, out of fold
+    for metric in ("acc", "auc"):
+        assert (table[f"oof_{metric}_low"] <= table[f"oof_{metric}"] + 1e-12).all()
+        assert (table[f"oof_{metric}"] <= table[f"oof_{metric}_high"] + 1e-12).all()
+    arms = table[~table["approach"].isin(["baseline", "majority", "classical"])]
+    assert (arms["seeds"] == 2).all() and arms["seed_auc_sd"].notna().all()
     compared = table[table["approach"] != "baseline"]
-    assert compared["auc_diff_p"].between(0, 1).all() and compared["auc_diff_low"].notna().all()
+    assert (compared["auc_diff_p"] >= 1 / 201).all() and (compared["auc_diff_p"] <= 1).all()
+    assert (arms["auc_diff_p_holm"] >= arms["auc_diff_p"] - 1e-12).all() and (arms["auc_diff_mdd"] > 0).all()
     text = result.tables["tables.md"].read_text()
-    assert "Table 3" in text and "Table 4" in text and "fused | deepfake" in text
-    assert "Table 1" in result.tables["architectures.md"].read_text()
+    answer = text.split("### ")[0]
+    assert answer.startswith("## The answer") and answer.count("vs baseline**") == 4
+    assert "fused from DeepFake vs baseline" in answer and "Holm-adjusted p" in answer
+    assert "Table 3" in text and "Table 4" in text and "Table 5" in text and "What touched what" in text
+    assert "no setting differs" in text or "Settings that differ" in text
+    per_class = pd.read_csv(result.tables["per_class_auc.csv"])
+    assert per_class.loc[0, "n_NORM"] == (cohort["label"] == 0).sum()
+    arch = result.tables["architectures.md"].read_text()
+    assert "Table 1" in arch and "report-only" in arch and "val over trials" in arch
+
+
+def test_no_record_is_scored_by_a_model_that_trained_or_early_stopped_on_it(study):
+    """Each stage-3 model's own checkpoint record of its training and early-stopping rows against the rows it
+    scored: disjoint in records and in patients, and every record scored exactly once per approach and seed."""
+    tmp, _, _, _, _, result = study
+    units = sorted((tmp / "work" / "evaluation" / "units").glob("*.npz"))
+    assert len(units) == 5 * 3 * 2 and result.retrained == 30  # approaches x folds x seeds
+    labels = pd.read_parquet(next((tmp / "work" / "data").glob("ptbxl-*")) / "labels.parquet")
+    patient = labels["patient_id"].to_numpy()
+    cohort = set(np.flatnonzero(((labels["half"] == "B") & (labels["label"] >= 0)).to_numpy()))
+    scored: dict[str, list] = {}
+    for path in units:
+        with np.load(path) as z:
+            test, seen = set(z["rows"]), set(z["train_rows"]) | set(z["val_rows"])
+            assert test and len(z["val_rows"]) and not test & seen, path.name
+            assert not set(patient[list(test)]) & set(patient[list(seen)]), path.name
+            assert test | seen <= cohort
+            scored.setdefault(path.name.rsplit("-fold", 1)[0], []).extend(z["rows"].tolist())
+    assert len(scored) == 10
+    for rows in scored.values():
+        assert sorted(rows) == sorted(cohort)  # once each
 
 
 def test_finetuned_models_start_from_the_pretrained_weights(study):
@@ -101,10 +139,14 @@ def test_second_run_reuses_everything_and_trains_nothing(study):
     count = lambda: len(client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000))
     runs_before = count()
     again = run_study(config, uri)
-    assert again.ran == [] and len(again.reused) == 15
+    assert again.ran == [] and len(again.reused) == 15 and again.retrained == 0
     assert count() == runs_before  # no new search or trial run
     assert pd.read_csv(again.tables["results.csv"]).equals(pd.read_csv(first.tables["results.csv"]))
     assert "15 already done, 0 to run" in plan(config, uri)
+    shutil.rmtree(first.tables["results.csv"].parent)  # the report is gone, the saved retrainings are not
+    rebuilt = run_study(config, uri)
+    assert rebuilt.retrained == 0
+    pd.testing.assert_frame_equal(pd.read_csv(rebuilt.tables["results.csv"]), pd.read_csv(first.tables["results.csv"]))
 
 
 def test_changed_config_reruns_only_what_it_changes(study):
@@ -133,7 +175,9 @@ def test_cli_plan_runs_nothing(study, capsys):
     ({"pretrain": {"targets": ["hr"]}}, "finetune approach single on source ptbxl-a needs pretrained ecg-qrs-ptbxl-a"),
     ({"pretrain": {"num_samples": 0}}, "pretrain.num_samples must be a positive integer"),
     ({"finetune": {"space": {"lr": {"low": 0.1, "high": 0.01}}}}, "inverted range"),
-    ({"evaluate": {"n_boot": 10, "folds": 3}}, "evaluate.folds: unknown setting"),
+    ({"evaluate": {"n_boot": 10, "bootstrap": 3}}, "evaluate.bootstrap: unknown setting"),
+    ({"evaluate": {"folds": 2}}, "evaluate.folds 2: cross-fitting needs at least 3 folds"),
+    ({"evaluate": {"seeds": [0, 0]}}, "evaluate.seeds must be a list of distinct integers"),
 ])
 def test_bad_config_is_one_input_error_before_anything_runs(tmp_path, sample_dir, changes, message, capsys):
     if "ROOT" in str(changes):
