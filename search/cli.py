@@ -279,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--metric", default="val_auc", help="compare on this metric (val_mae: lower is better)")
     promote.add_argument("--force", action="store_true", help="move champion even if it is not better")
     promote.add_argument("--ensemble", type=int, default=None, metavar="K",
-                         help="register the greedy ensemble of up to K top trials (1: the single best); default: "
-                              "whichever of the single best and the ensemble of 5 wins a split-half check")
+                         help="register the greedy ensemble of up to K top trials (those with a logged model: "
+                              "the search's --top-k); 1: the single best; default: whichever of the single best and "
+                              "the ensemble of 5 wins a split-half check on the val rows")
     promote.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
     promote.set_defaults(func=_promote)
 

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from data_prep.dataset import open_dataset
-from ecgmodels import Ensemble, load_checkpoint, save_checkpoint, set_temperature
+from ecgmodels import Ensemble, create_model, load_checkpoint, save_checkpoint, set_temperature
 from search import metrics
 from search.cli import main
 from search.ensemble import Predictions, average, compare, greedy, score
@@ -36,6 +36,7 @@ def search(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactor
     for run in client.search_runs([result.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"):
         where = tmp / run.info.run_id
+        assert "reliability.png" in {a.path for a in client.list_artifacts(run.info.run_id)}  # a top trial's plots
         trials[run.info.run_id] = {f: Path(client.download_artifacts(run.info.run_id, f, str(where)))
                                    for f in ("model.pt", "val_predictions.npz")}
     assert len(trials) == 2
@@ -62,6 +63,29 @@ def test_greedy_keeps_the_perfect_model_alone_and_pairs_complementary_ones():
     assert sorted(picked.members) == [0, 1]
     alone = max(score(y, c.y_score, "classification") for c in pair)
     assert picked.score > alone and picked.score == pytest.approx(score(y, average(pair, picked), "classification"))
+
+
+def test_greedy_regression_and_the_ensemble_modules_arithmetic():
+    rng = np.random.default_rng(1)
+    y, rows = rng.normal(60, 10, 50), np.arange(50)
+    values = [Predictions(y, y + 5 * rng.standard_normal(50), rows) for _ in range(3)]
+    picked = greedy(values, "regression")
+    assert len(picked.members) >= 2 and picked.score > max(score(y, v.y_score, "regression") for v in values)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 1000)
+    for multi, prob in ((False, lambda z: torch.softmax(z, 1)), (True, torch.sigmoid)):
+        members = [create_model("cnn1d", width=8).eval() for _ in range(2)]
+        set_temperature(members[1], 3.0)
+        with torch.inference_mode():
+            want = 0.25 * prob(members[0](x)) + 0.75 * prob(members[1](x))
+            np.testing.assert_allclose(prob(Ensemble(members, [1, 3], multi).eval()(x)), want, atol=1e-6)
+    regressors = [create_model("cnn1d", "regression", width=8).eval() for _ in range(2)]
+    with torch.inference_mode():
+        np.testing.assert_allclose(Ensemble(regressors, [1, 1])(x), (regressors[0](x) + regressors[1](x)) / 2,
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match="task"):
+        Ensemble([members[0], regressors[0]], [1, 1])
 
 
 def test_selection_on_real_trials_is_the_ensemble_module_on_their_checkpoints(search, small_ptbxl):
