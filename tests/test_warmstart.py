@@ -15,6 +15,7 @@ from data_prep.errors import InputError
 from search import warmstart
 from search.space import SearchSpace, load_space_config
 from search.spec import SearchSpec
+from search.tracking import experiment_id
 from search_fixtures import store  # noqa: F401
 
 SPACE = {"arch": ["cnn1d", "inception1d"], "archs": {"cnn1d": {"width": [8, 16]}},
@@ -35,7 +36,7 @@ def space() -> SearchSpace:
 def earlier_search(uri: str, name: str = "earlier") -> str:
     """A finished search as ecgsearch records it: a parent run, a child per trial (params, best_val_auc)."""
     client = MlflowClient(uri)
-    experiment = client.create_experiment("ecgsearch")
+    experiment = experiment_id(client, uri)  # artifacts beside the store, not in ./mlruns
     parent = client.create_run(experiment, run_name=name).info.run_id
     for number, (params, value) in enumerate(EARLIER):
         child = client.create_run(experiment, run_name=f"trial-{number}", tags={
