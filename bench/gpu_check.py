@@ -210,8 +210,8 @@ def main() -> None:
     for r in shared:
         mem = f"{r['gpu_mib']} MiB per trial" if r["gpu_mib"] is not None else "memory n/a (no GPU)"
         print(f"| search, {r['at_once']} trial(s) per GPU (gpus_per_trial {r['gpus_per_trial']:g}) | 100 Hz | "
-              f"{r['finished']}/{trials} finished | {r['trials_h']:.0f} trials/h | x{r['trials_h'] / base['trials_h']:.2f}"
-              f" | {mem} |")
+              f"{r['finished']}/{trials} finished | {r['trials_h']:.0f} trials/h | "
+              f"x{r['trials_h'] / base['trials_h']:.2f} | {mem} |")
     print(f"| DeepFake generation | 500 Hz | inference | {ecgs_s:.0f} ECGs/s | | on {device} |")
 
 
