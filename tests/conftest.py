@@ -1,12 +1,23 @@
 """Shared fixtures: copies of the embedded sample data, so no test touches the originals."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_repository(tmp_path_factory: pytest.TempPathFactory):
+    """Every test runs in a temporary working directory, so what lands in a default place (mlflow.db, an MLflow
+    experiment's ./mlruns, ray_results) never lands in the repository."""
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(here)
 
 
 @pytest.fixture(scope="session")
