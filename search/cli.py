@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-APPROACHES_HELP = ("baseline: train from scratch; single: fine-tune one pretrained model (--pretrained TARGET=URI, e.g. "
+APPROACHES_HELP = ("baseline: train from scratch; single: fine-tune one pretrained model (--pretrained TARGET=URI, "
+                   "e.g. "
                    "a QRS-duration regressor); fused: one pretrained backbone per target (hr, pr, qrs, qt), their "
                    "features concatenated under a new head")
 DESCRIPTIONS = {

@@ -66,7 +66,8 @@ def compare_searches(searches: list[str], tracking_uri: str | None = None) -> tu
 def format_table(table: pd.DataFrame) -> str:
     """The table as Markdown, the metric as `value [low, high]`."""
     shown = table.assign(**{"value (95% CI)": [
-        "-" if pd.isna(r.value) else f"{r.value:.4f}" + ("" if pd.isna(r.ci_low) else f" [{r.ci_low:.4f}, {r.ci_high:.4f}]")
+        "-" if pd.isna(r.value) else
+        f"{r.value:.4f}" + ("" if pd.isna(r.ci_low) else f" [{r.ci_low:.4f}, {r.ci_high:.4f}]")
         for r in table.itertuples()]}).drop(columns=["value", "ci_low", "ci_high"])
     rows = [list(map(str, shown.columns))] + [[str(v) for v in r] for r in shown.itertuples(index=False)]
     return "\n".join("| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(rows[0]), *rows[1:]])

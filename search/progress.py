@@ -102,8 +102,10 @@ class Progress(Callback):
         epoch = int((trial.last_result or {}).get("epoch", 0))
         if trial.trial_id in self.pruned:
             self._ended(trials, trial, f"stopped by ASHA at epoch {epoch} of {self.max_epochs}")
+        elif epoch < self.max_epochs:
+            self._ended(trials, trial, f"finished at epoch {epoch} of {self.max_epochs} (val stopped improving)")
         else:
-            self._ended(trials, trial, f"finished at epoch {epoch} of {self.max_epochs}")
+            self._ended(trials, trial, f"finished all {epoch} epochs")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trials, trial, "FAILED (its run's tag failure_reason says why)")
@@ -125,6 +127,9 @@ def quiet(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, silent at verbose=0 (the new one
     # prints its configuration box and a TensorBoard hint whatever the verbosity)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported (after this, often)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own switch: no progress bars in a log file
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -161,10 +161,15 @@ def _register(client: Any, name: str, run_id: str, model: torch.nn.Module, path:
         info = mlflow.pyfunc.log_model(
             name="model", python_model=pyfunc_model.__file__, artifacts={"model.pt": str(path)},
             code_paths=[str(Path(ecgmodels.__file__).parent)], signature=signature,
-            input_example=example, registered_model_name=name,
+            input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                               f"mlflow=={mlflow.__version__}"])
-    return str(info.registered_model_version)
+    try:  # through the client: log_model(registered_model_name=...) prints "Successfully registered" to stderr
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return str(client.create_model_version(name, info.model_uri, model_id=info.model_id).version)
 
 
 SHARED_EXTRA = ("task", "target", "classes", "rate", "target_mean", "target_std", "dataset_hash", "pretrained")
@@ -238,6 +243,8 @@ def register(client: Any, parent: Any, name: str, metric: str, choice: Choice, f
     moved, message = _champion(client, name, version, metric, value, force)
     if moved:
         client.set_registered_model_alias(name, ALIAS, version)
+    tracking.note_champion(client, parent.info.run_id, f"[{name} version {version}](#/models/{name}/versions/{version})"
+                                                       f" ({kind}): {message}")
     return Promotion(name, version, value, moved, f"registered {choice.reason}. {message}", kind, numbers)
 
 

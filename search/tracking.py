@@ -22,6 +22,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from data_prep.constants import CLASSES, TARGET_UNITS
 from data_prep.errors import InputError
+from search.runlog import BackgroundClient
 from search.server import check_http, connect_postgres, is_postgres, mask_text, mask_uri, start_server
 
 DEFAULT_EXPERIMENT = "ecgsearch"
@@ -60,6 +61,7 @@ def open_store(uri: str | None) -> tuple[MlflowClient, str]:
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's classic view, not its GenAI one
+CLASSIC = "workflowType=machine_learning"  # a link without it opens the GenAI view in 3.17, whatever the kind
 
 
 def experiment_id(client: MlflowClient, uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
@@ -81,7 +83,7 @@ def ui_url(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000,
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{host}:{port}"
     if parent:
         return f"{base}/#{trials_link(experiment, parent)}"
-    return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment}/runs?{CLASSIC}"
 
 
 def serve_ui(uri: str | None, port: int = 5000) -> int:
@@ -125,11 +127,15 @@ STATES = {"running": "running", "finished": "finished", "pruned": "stopped", "bu
 KEY_PARAMS = 3  # sampled hyperparameters a run name shows besides the architecture
 
 
-def sampled_names(space: Any) -> list[str]:
-    """Config names of a SearchSpace's sampled (not fixed) dimensions in the space's order, conditional ones once:
-    a trial's params; the constants and fixed values are the search's (parent run's) params."""
+def trial_params(space: Any) -> dict[str, bool]:
+    """A trial's params: the config names of a SearchSpace's dimensions in the space's order (conditional ones
+    once), each with whether it is sampled (else fixed). The search's constants (data, task, seed, ...) are its
+    parent run's params only; warm starts read a trial's dimensions back from its params."""
     conditional = [d for dims in (*space.arch_dims.values(), *space.schedule_dims.values()) for d in dims]
-    return list(dict.fromkeys(d.name for d in (*space.dims.values(), *conditional) if not d.fixed))
+    names: dict[str, bool] = {}
+    for d in (*space.dims.values(), *conditional):
+        names[d.name] = names.get(d.name, False) or not d.fixed
+    return names
 
 
 def rounded(value: Any) -> str:
@@ -157,27 +163,40 @@ def epoch_metrics(result: dict) -> list[Metric]:
 
 
 class TrialRuns(Callback):
-    """A child run per trial under the search's parent run: params = the trial's sampled values (4 significant
-    digits; all of its config when `sampled` is None), metrics per epoch (step = epoch; METRIC_NAMES renamed), tag
-    `state` (running / finished / stopped / failed) and a run name saying it (`run_name`), tags of where it ran
+    """A child run per trial under the search's parent run: params = the trial's values of the space's dimensions
+    (`params`, from trial_params; sampled ones to 4 significant digits; all of its config when None), metrics per
+    epoch (step = epoch; METRIC_NAMES renamed), tag `state` (running / finished / stopped / failed) and a run name
+    saying it (`run_name`), tags of where it ran
     (`ray.node_id`, `ray.hostname`, `ray.node_ip`, `gpu`, `gpu_fraction`), status FINISHED (tag `stopped_by`: trainer,
     scheduler or time_budget) or FAILED with tag `failure_reason`. `trials` keeps, per trial number, its trial id,
     run id, status (finished / pruned / budget / failed) and failure reason."""
 
     def __init__(self, client: MlflowClient, experiment: str, parent_run_id: str, metric: str, num_samples: int,
-                 pruned: set[str], sampled: list[str] | None = None, max_epochs: int = 0):
-        self.client, self.experiment, self.parent = client, experiment, parent_run_id
+                 pruned: set[str], params: dict[str, bool] | None = None, max_epochs: int = 0):
+        self.client, self.experiment, self.parent = client, experiment, parent_run_id  # writes in the background
         self.metric, self.num_samples, self.max_epochs = metric, num_samples, max_epochs
         self.pruned = pruned  # trial ids the scheduler stopped (filled by the scheduler as it decides)
-        self.sampled = sampled
-        share_trials_view(client, experiment, parent_run_id, metric, sampled or [])
+        self.params = params
+        self.sampled = [k for k, sampled in (params or {}).items() if sampled]
+        share_trials_view(client, experiment, parent_run_id, metric, self.sampled)
         self.trials: dict[int, dict[str, str]] = {}
         self.runs: dict[str, str] = {}  # trial id -> child run id
         self.placed: set[str] = set()  # trial ids whose run has its placement tags
 
+    @property
+    def client(self) -> BackgroundClient:
+        return self._client
+
+    @client.setter
+    def client(self, client: Any) -> None:
+        self._client = client if isinstance(client, BackgroundClient) else BackgroundClient(client)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.client.flush()
+
     def _name(self, trial: Any, status: str) -> str:
         result = trial.last_result or {}
-        return run_name(trial.config.get("trial_number", 0), status, trial.config, self.sampled or [],
+        return run_name(trial.config.get("trial_number", 0), status, trial.config, self.sampled,
                         int(result.get("epoch", 0)), self.max_epochs)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -186,16 +205,25 @@ class TrialRuns(Callback):
         number = trial.config.get("trial_number")
         run = self.client.create_run(self.experiment, run_name=self._name(trial, "running"), tags={
             "mlflow.parentRunId": self.parent, "trial_id": trial.trial_id, "trial_number": str(number),
-            "state": "running"})
+            "state": "running", "trial_dir": str(trial.local_path)})
         self.runs[trial.trial_id] = run.info.run_id
         self.trials[number] = {"trial_id": trial.trial_id, "run_id": run.info.run_id, "status": "running",
                                "failure_reason": ""}
-        params = trial.config if self.sampled is None else {k: v for k, v in trial.config.items() if k in self.sampled}
-        log_params(self.client, run.info.run_id, {k: rounded(v) for k, v in params.items()})
+        names = self.params if self.params is not None else dict.fromkeys(trial.config, False)
+        log_params(self.client, run.info.run_id, {k: rounded(v) if names[k] else v for k, v in trial.config.items()
+                                                  if k in names})
 
     def reattach(self, child: Any) -> None:
-        """Take back a child run (an MLflow Run) of a resumed search, with the status it ended in, if it did."""
+        """Take back a child run (an MLflow Run) of a resumed search, with the status it ended in, if it did; the
+        epochs Tune recorded (its result.json) that the run lacks (queued when the driver was killed) are logged."""
         tags = child.data.tags
+        results = Path(tags.get("trial_dir", "")) / "result.json"
+        if results.is_file():
+            logged = {m.step for m in self.client.get_metric_history(child.info.run_id, "train_loss")}
+            for line in results.read_text().splitlines():
+                result = json.loads(line)
+                if int(result.get("epoch", result["training_iteration"])) not in logged:
+                    self.client.log_batch(child.info.run_id, metrics=epoch_metrics(result))
         status = {"FINISHED": {"scheduler": "pruned", "time_budget": "budget"}.get(tags.get("stopped_by"), "finished"),
                   "FAILED": "failed"}.get(child.info.status, "running")
         self.runs[tags["trial_id"]] = child.info.run_id
@@ -245,6 +273,7 @@ class TrialRuns(Callback):
         if record is None or record["status"] != "running":
             return
         self._end(number, "budget", stopped_by="time_budget")
+        self.client.flush()  # after the Tuner's end: the search's summary follows at once
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.on_trial_start(iteration, trials, trial)  # a trial can fail before it starts
@@ -361,7 +390,7 @@ def share_trials_view(client: MlflowClient, experiment: str, parent: str, metric
 
 def trials_link(experiment: str, parent: str) -> str:
     """The UI route (after `#`) of one search's trials in the view `share_trials_view` saved."""
-    return f"/experiments/{experiment}/runs?viewStateShareKey={parent}&workflowType=machine_learning"
+    return f"/experiments/{experiment}/runs?viewStateShareKey={parent}&{CLASSIC}"
 
 
 def _duration(seconds: float) -> str:
@@ -382,7 +411,8 @@ def describe_search(client: MlflowClient, parent: str, champion: str | None = No
              f"{metrics.get('trials_pruned', 0) + metrics.get('trials_budget', 0):.0f} stopped early, "
              f"{metrics.get('trials_failed', 0):.0f} failed; wall time {_duration((end - run.info.start_time) / 1000)}"]
     if metric and "best_run_id" in tags:
-        lines.append(f"- Best: [trial {tags['best_trial_number']}](#/experiments/{exp}/runs/{tags['best_run_id']}) "
+        lines.append(f"- Best: [trial {tags['best_trial_number']}](#/experiments/{exp}/runs/{tags['best_run_id']}"
+                     f"?{CLASSIC}) "
                      f"with {metric} {metrics[f'best_{metric}']:.4f} (its run name starts with ★)")
         lines.append(f"- [All trials, best first](#{trials_link(exp, parent)}); stopped ones: "
                      "`tags.state = 'stopped'`")

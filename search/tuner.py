@@ -132,7 +132,7 @@ def run_search(spec: SearchSpec) -> SearchResult:
         searcher = _searcher(spec, inputs.space, study_storage)
         scheduler, pruned = _scheduler(spec)
         runs = tracking.TrialRuns(client, experiment_id, parent, metric, spec.num_samples, pruned,
-                                  tracking.sampled_names(inputs.space), spec.max_epochs)
+                                  tracking.trial_params(inputs.space), spec.max_epochs)
         lines = progress.Progress(metric, mode, spec.num_samples, spec.max_epochs, pruned)
         tuner = tune.Tuner(
             _trainable(spec, inputs.models),

@@ -95,9 +95,10 @@ def page(title: str, note: str, figs: dict[str, Any]) -> str:
 
 
 def metric_curves(client: MlflowClient, table: pd.DataFrame, metric: str) -> dict[int, dict[int, float]]:
-    """Each trial's validation metric per epoch, from its child run."""
-    return {int(row.trial_number): {m.step: m.value for m in client.get_metric_history(row.run_id, metric)}
-            for row in table.itertuples() if isinstance(row.run_id, str)}
+    """Each trial's validation metric per epoch, from its child run (trials that reported none left out)."""
+    curves = {int(row.trial_number): {m.step: m.value for m in client.get_metric_history(row.run_id, metric)}
+              for row in table.itertuples() if isinstance(row.run_id, str)}
+    return {n: c for n, c in curves.items() if c}
 
 
 STUDY_FILE = "optuna_study.db"  # the rebuilt study as an Optuna sqlite storage, for `ecgsearch dashboard`
