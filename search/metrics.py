@@ -88,7 +88,7 @@ def nll(y_true: np.ndarray, y_score: np.ndarray) -> float:
     k = y_score.shape[1]
     if np.ndim(y_true) == 2:
         return float(np.mean([log_loss(y_true[:, c], y_score[:, c], labels=[0, 1]) for c in range(k)]))
-    return float(log_loss(y_true, y_score / y_score.sum(1, keepdims=True), labels=list(range(k))))
+    return float(log_loss(y_true, _normalised(y_score), labels=list(range(k))))
 
 
 def brier(y_true: np.ndarray, y_score: np.ndarray) -> float:
@@ -97,7 +97,12 @@ def brier(y_true: np.ndarray, y_score: np.ndarray) -> float:
     k = y_score.shape[1]
     if np.ndim(y_true) == 2:
         return float(sum(brier_score_loss(y_true[:, c], y_score[:, c], labels=[0, 1]) for c in range(k)))
-    return float(brier_score_loss(y_true, y_score, labels=list(range(k)), scale_by_half=False))
+    return float(brier_score_loss(y_true, _normalised(y_score), labels=list(range(k)), scale_by_half=False))
+
+
+def _normalised(y_score: np.ndarray) -> np.ndarray:
+    """Rows rescaled to sum to 1 exactly (float32 softmax is off by ~1e-7, which sklearn warns about)."""
+    return y_score / y_score.sum(1, keepdims=True)
 
 
 def ece(y_true: np.ndarray, y_score: np.ndarray, bins: int = ECE_BINS) -> float:
