@@ -102,10 +102,8 @@ class Progress(Callback):
         epoch = int((trial.last_result or {}).get("epoch", 0))
         if trial.trial_id in self.pruned:
             self._ended(trials, trial, f"stopped by ASHA at epoch {epoch} of {self.max_epochs}")
-        elif epoch < self.max_epochs:
-            self._ended(trials, trial, f"finished at epoch {epoch} of {self.max_epochs} (val stopped improving)")
-        else:
-            self._ended(trials, trial, f"finished all {epoch} epochs")
+        else:  # at max_epochs, or earlier when its val metric stopped improving (patience)
+            self._ended(trials, trial, f"finished at epoch {epoch} of {self.max_epochs}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trials, trial, "FAILED (its run's tag failure_reason says why)")
