@@ -261,11 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ASHA keeps 1 in this many trials at each rung (grace x factor^k epochs)")
     search.add_argument("--cv", type=int, default=1, metavar="K",
                         help="score each trial by K patient-grouped folds of the train+val rows (small data)")
-    search.add_argument("--top-k", type=int, default=3, help="trials whose checkpoint and plots are logged")
+    search.add_argument("--top-k", type=int, default=5,
+                        help="trials whose checkpoint and plots are logged (promote's ensemble candidates)")
     search.add_argument("--warm-start", nargs="*", default=[], metavar="SEARCH",
                         help="start from the finished trials of these earlier searches (names or run ids)")
     search.add_argument("--fidelity", choices=("rate",), default=None,
                         help="rate: judge configurations at 100 Hz first, retrain the best at 500 Hz")
+    search.add_argument("--fidelity-data", default=None, metavar="DIR",
+                        help="with --fidelity rate: the --data records prepared at 500 Hz")
     search.set_defaults(func=_search)
 
     resume = sub.add_parser("resume", help="finish a search whose driver was killed or interrupted (Ctrl-C)")

@@ -72,7 +72,7 @@ class SearchSpec:
     grace_period: int | None = None
     reduction_factor: int = 2
     max_failures: int = 0
-    top_k: int = 3
+    top_k: int = 5
     fault: dict | None = None
     experiment: str = DEFAULT_EXPERIMENT
     single_label: bool = True
