@@ -262,8 +262,12 @@ def _already(client: Any, name: str, earlier: Any, metric: str, force: bool, cho
     """Promoting the same trials again registers nothing: say which version holds them, and move `champion` to it
     only as a new version would move."""
     value = float(earlier.tags.get(metric, "nan"))
-    if ALIAS in (earlier.aliases or []):
-        moved, message = False, f"it is {ALIAS}"
+    try:
+        current = str(client.get_model_version_by_alias(name, ALIAS).version)
+    except mlflow.exceptions.MlflowException:  # no champion yet
+        current = None
+    if current == str(earlier.version):
+        moved, message = False, f"it is {ALIAS} already"
     else:
         moved, message = _champion(client, name, earlier.version, metric, value, force)
         if moved:
