@@ -231,15 +231,16 @@ def score_table(scores: dict[tuple[str, str], dict[str, tuple[np.ndarray, np.nda
         seeds = [macro_auc(truth, x) for x in s] if np.ndim(s) == 3 else [row[f"{primary}_auc"]]
         row.update(seeds=len(seeds), seed_auc_sd=float(np.std(seeds, ddof=1)) if len(seeds) > 1 else np.nan,
                    seed_auc_min=min(seeds), seed_auc_max=max(seeds))
-        if key != baseline:
-            d = compare(row[f"{primary}_auc"] - value(macro_auc, truth, scores[baseline][primary][1]),
-                        auc_draws[key] - auc_draws[baseline])
-            row.update({"auc_diff": d["diff"], "auc_diff_low": d["low"], "auc_diff_high": d["high"],
-                        "auc_diff_p": d["p"], "auc_diff_mdd": d["mdd"]})
         rows.append(row)
         aucs = np.nanmean([per_class_auc(truth, x) for x in (s if np.ndim(s) == 3 else [s])], axis=0)
         per_class.append({"approach": key[0], "source": key[1], **dict(zip(CLASSES, aucs)),
                           **{f"n_{c}": n for c, n in class_counts(truth).items()}})
+    base = next(r for r in rows if (r["approach"], r["source"]) == baseline)[f"{primary}_auc"]
+    for key, row in zip(scores, rows):
+        if key != baseline:
+            d = compare(row[f"{primary}_auc"] - base, auc_draws[key] - auc_draws[baseline])
+            row.update({"auc_diff": d["diff"], "auc_diff_low": d["low"], "auc_diff_high": d["high"],
+                        "auc_diff_p": d["p"], "auc_diff_mdd": d["mdd"]})
     results = pd.DataFrame(rows)
     if "auc_diff" in results:
         family = results["auc_diff"].notna() & ~results["approach"].isin(REFERENCES)

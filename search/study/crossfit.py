@@ -19,7 +19,7 @@ import numpy as np
 
 from data_prep.constants import CLASSES
 from search.study.config import FINETUNE_HALF, TAG, Search, _key, evaluation_key
-from search.study.run import best_trial, runs_model, trial_config
+from search.study.run import runs_model
 
 REPORT_FILES = ("results.csv", "per_class_auc.csv", "tables.md", "differences.png")
 TRAINING_KEYS = ("norm", "batch_size", "max_epochs", "patience", "schedule", "lr", "weight_decay", "freeze_depth",
@@ -32,7 +32,7 @@ def label(s: Search, cfg: dict) -> tuple[str, str]:
     return approach, s.source
 
 
-def evaluate(client: Any, experiment_id: str, cfg: dict, found: list[Search], runs: dict, data: Path,
+def evaluate(client: Any, cfg: dict, found: list[Search], runs: dict, data: Path,
              study_run: str, uri: str, ray_up: Callable[[], None]) -> tuple[dict[str, Path], int]:
     """Stage 3's report files and how many models it trained; reused whole when its key (the fine-tuned
     searches and the evaluation settings) is unchanged and its files are there."""
@@ -48,8 +48,10 @@ def evaluate(client: Any, experiment_id: str, cfg: dict, found: list[Search], ru
         print(f"study: evaluation reused ({out})", flush=True)
         return {n: out / n for n in REPORT_FILES}, 0
     ds = open_dataset(data)
-    chosen = {s.name: trial_config(client, best_trial(client, experiment_id, runs[s.name].info.run_id,
-                                                      s.metric)["run_id"]) for s in fine}
+    from ecgmodels.checkpoint import read_checkpoint
+
+    # the chosen configuration: the exact trial config kept in the registered best trial's checkpoint
+    chosen = {s.name: read_checkpoint(_checkpoint(runs_model(runs[s.name]), uri))["extra"]["config"] for s in fine}
     backbones = {s.name: {t: _checkpoint(runs_model(runs[n]), uri) for t, n in s.pretrained.items()} for s in fine}
     if cfg["evaluate"]["folds"] > 1:
         scores, groups, retrained, facts = crossfit(cfg, fine, ds, chosen, backbones, ray_up)
@@ -99,7 +101,8 @@ def crossfit(cfg: dict, fine: list[Search], ds: Any, chosen: dict[str, dict], ba
             for i in range(k):
                 inner = dealt[(i + 1) % k]
                 train = np.sort(np.concatenate([dealt[j] for j in range(k) if j not in (i, (i + 1) % k)]))
-                config = {**chosen[s.name], "data": str(ds.path), "seed": seed, "trial_number": 0, "cv": 1,
+                config = {**chosen[s.name], "data": str(ds.path), "half": FINETUNE_HALF, "task": "classification",
+                          "single_label": cfg["single_label"], "seed": seed, "trial_number": 0, "cv": 1,
                           "fault": None, "max_epochs": s.max_epochs, "threads": max(1, int(cfg["resources"]
                                                                                          ["cpus_per_trial"])),
                           "rows": {"train": train.tolist(), "val": inner.tolist()}}

@@ -171,8 +171,8 @@ def plot_differences(results: pd.DataFrame, path: Path, primary: str) -> Path:
     d = results.dropna(subset=["auc_diff"]) if "auc_diff" in results else results.iloc[:0]
     y = np.arange(len(d))[::-1]
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(d) + 1.4))
-    ax.errorbar(d["auc_diff"], y, xerr=[d["auc_diff"] - d["auc_diff_low"], d["auc_diff_high"] - d["auc_diff"]],
-                fmt="o", capsize=3)
+    diff, lo, hi = (d[c].to_numpy(float) for c in ("auc_diff", "auc_diff_low", "auc_diff_high"))
+    ax.errorbar(diff, y, xerr=[diff - lo, hi - diff], fmt="o", capsize=3)
     ax.axvline(0, color="grey", lw=0.8, ls="--")
     ax.set_yticks(y, [_name(a, s) for a, s in zip(d["approach"], d["source"])])
     ax.set_xlabel(f"macro AUC minus the baseline's, 95% patient-bootstrap CI ({SPLIT_NAMES[primary]}, "

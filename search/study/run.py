@@ -2,7 +2,6 @@
 each search reused by its key, resumed when unfinished, or run; then the tables and stage 3)."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,16 +63,6 @@ def best_trial(client: Any, experiment_id: str, search_run_id: str, metric: str)
     for name in best.data.metrics:
         out.update({name: m.value for m in client.get_metric_history(best.info.run_id, name) if m.step == step})
     return out
-
-
-def trial_config(client: Any, run_id: str) -> dict:
-    """A trial's flat config from its run's params (logged as JSON, strings as they are)."""
-    def decode(text: str) -> Any:
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-    return {k: decode(v) for k, v in client.get_run(run_id).data.params.items()}
 
 
 @dataclass
@@ -194,7 +183,7 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
                   f"{time.time() - began:.0f} s (search run {run.info.run_id}, key {s.key})", flush=True)
         tables = report.architecture_tables(client, experiment_id, found, runs, cfg, Path(cfg["workdir"]) / "tables")
         began = time.time()
-        out, retrained = crossfit.evaluate(client, experiment_id, cfg, found, runs, datasets["ptbxl"], study_run,
+        out, retrained = crossfit.evaluate(client, cfg, found, runs, datasets["ptbxl"], study_run,
                                            uri, ray_up)
         tables.update(out)
         print(f"study: evaluation in {time.time() - began:.0f} s ({retrained} models trained)", flush=True)
