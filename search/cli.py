@@ -119,7 +119,15 @@ def search_spec(args: argparse.Namespace) -> SearchSpec:
 def _search(args: argparse.Namespace) -> int:
     from search.tuner import run_search
 
-    print(run_search(search_spec(args)).summary())
+    spec = search_spec(args)
+    if spec.fidelity:  # --data at 100 Hz, --fidelity-data the same records at 500 Hz
+        from search.fidelity import run_fidelity
+
+        if not args.fidelity_data:
+            raise InputError("--fidelity rate needs --fidelity-data DIR: the same records prepared at 500 Hz")
+        print(run_fidelity(spec, args.fidelity_data)[1].summary())
+        return 0
+    print(run_search(spec).summary())
     return 0
 
 

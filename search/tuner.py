@@ -24,7 +24,7 @@ import pandas as pd
 from ray.tune.schedulers import ASHAScheduler
 
 from data_prep.errors import InputError
-from search import progress, tracking
+from search import progress, tracking, warmstart
 from search.errors import SearchFailed, SearchInterrupted
 from search.optuna_storage import open_optuna_storage
 from search.server import mask_uri
@@ -129,7 +129,7 @@ def run_search(spec: SearchSpec) -> SearchResult:
     started = False
     try:
         started = init_ray(spec.address)
-        searcher = _searcher(spec, inputs.space, study_storage)
+        searcher = _searcher(spec, inputs.space, warmstart.seed(spec, inputs.space, client, parent, study_storage))
         scheduler, pruned = _scheduler(spec)
         runs = tracking.TrialRuns(client, experiment_id, parent, metric, spec.num_samples, pruned,
                                   tracking.trial_params(inputs.space), spec.max_epochs)
