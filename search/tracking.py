@@ -371,7 +371,8 @@ def best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
 
 
 SHARED_VIEW = "mlflow.sharedViewState."  # experiment tag prefix the UI reads a `viewStateShareKey` link's view from
-VIEW_PARAMS = 4  # sampled hyperparameters shown as columns
+VIEW_PARAMS = 4  # sampled hyperparameters shown as columns, these first when sampled:
+VIEW_FIRST = ("arch", "lr", "weight_decay", "schedule", "batch_size", "freeze_depth", "pretrained_lr_mult")
 
 
 def share_trials_view(client: MlflowClient, experiment: str, parent: str, metric: str, sampled: list[str]) -> None:
@@ -381,7 +382,8 @@ def share_trials_view(client: MlflowClient, experiment: str, parent: str, metric
     from search.promote import metric_mode
 
     columns = [f"metrics.`{m}`" for m in (f"best_{metric}", metric, "val_loss", "train_loss")]
-    columns += [f"params.`{p}`" for p in (["arch"] if "arch" in sampled else []) + sampled[:VIEW_PARAMS]]
+    first = [p for p in VIEW_FIRST if p in sampled]
+    columns += [f"params.`{p}`" for p in (first + [p for p in sampled if p not in first])[:VIEW_PARAMS + 1]]
     state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{parent}'", "orderByKey": f"metrics.`best_{metric}`",
              "orderByAsc": metric_mode(metric) == "min", "selectedColumns": list(dict.fromkeys(columns)) +
              ["tags.`state`"]}
