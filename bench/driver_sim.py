@@ -192,6 +192,22 @@ ARMS = {"plain": "(a) plain Tuner, random search, no MLflow",
         "waiting": "(c) the same, every MLflow write waited for in Tune's loop"}
 
 
+def report(args: argparse.Namespace, arm: str, r: dict) -> str:
+    """An arm's row (trials per hour against the ideal, driver CPU per report) and, when it logged to MLflow, its
+    latencies per call and completeness."""
+    ideal = args.slots / (args.epochs * args.epoch_s) * 3600
+    reports, rate = args.trials * args.epochs, args.trials / r["wall"] * 3600
+    lines = [f"{ARMS[arm]:82s} {r['wall']:7.1f} {rate:8.0f} {rate / ideal:7.2f} {r['cpu'] / reports * 1000:20.2f}"]
+    if arm != "plain":
+        runs, incomplete = r["check"]
+        lines += [f"{ARMS[arm][:3]} MLflow server CPU {r['server_cpu']:.1f} s ({r['server_cpu'] / reports * 1000:.2f}"
+                  " ms per report); latency per call the driver made:",
+                  *r["latency"][1].rows("mlflow"), *r["latency"][0].rows("optuna"),
+                  f"{ARMS[arm][:3]} child runs: {runs} of {args.trials}; {incomplete} missing a metric of an epoch "
+                  f"(each should hold {len(LOGGED)} metrics x {args.epochs} epochs)"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=320)
@@ -202,9 +218,13 @@ def main() -> None:
     p.add_argument("--postgres", default=os.environ.get("ECGSEARCH_POSTGRES_URI",
                                                         "postgresql://postgres@127.0.0.1:5432/postgres"))
     args = p.parse_args()
-    arms = args.arms.split(",")
     db = f"ecgsearch_driver_sim_{uuid.uuid4().hex[:8]}"
     db_uri = urlunsplit(urlsplit(args.postgres)._replace(path=f"/{db}"))
+    header = (f"{args.trials} trials x {args.epochs} epochs of {args.epoch_s:g} s, {args.slots} at a time on one local "
+              f"Ray of {args.slots} logical CPUs ({os.cpu_count()} real cores, shared); {len(LOGGED)} metrics per "
+              f"report; ideal {args.slots / (args.epochs * args.epoch_s) * 3600:.0f} trials/h "
+              f"({args.slots} / {args.epochs * args.epoch_s:g} s)\n"
+              f"{'how':82s} {'wall s':>7s} {'trials/h':>8s} {'x ideal':>7s} {'driver CPU ms/report':>20s}")
     done: dict[str, dict] = {}
     with psycopg.connect(args.postgres, autocommit=True) as admin, tempfile.TemporaryDirectory() as tmp:
         admin.execute(f'CREATE DATABASE "{db}"')
@@ -212,40 +232,20 @@ def main() -> None:
         try:
             ray.init(address="local", num_cpus=args.slots, include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR", _temp_dir=tempfile.mkdtemp(prefix="ray", dir=tmp))
-            for arm in arms:
+            for arm in args.arms.split(","):
                 if arm == "plain":
                     done[arm] = run(args, Path(tmp) / "ray", arm)
-                    print(f"{arm}: {done[arm]['wall']:.1f} s, driver CPU {done[arm]['cpu']:.1f} s", flush=True)
-                    continue
-                latency, server_cpu = (Latency(), Latency()), group_cpu(server.process.pid)
-                done[arm] = run(args, Path(tmp) / "ray", arm, server.url, *latency, waiting=arm == "waiting")
-                done[arm].update(latency=latency, server_cpu=group_cpu(server.process.pid) - server_cpu,
-                                 check=completeness(db_uri, done[arm]["parent"], args.trials, args.epochs))
-                print(f"{arm}: {done[arm]['wall']:.1f} s, driver CPU {done[arm]['cpu']:.1f} s", flush=True)
+                else:
+                    latency, server_cpu = (Latency(), Latency()), group_cpu(server.process.pid)
+                    done[arm] = run(args, Path(tmp) / "ray", arm, server.url, *latency, waiting=arm == "waiting")
+                    done[arm].update(latency=latency, server_cpu=group_cpu(server.process.pid) - server_cpu,
+                                     check=completeness(db_uri, done[arm]["parent"], args.trials, args.epochs))
+                print(f"\n{header}\n{report(args, arm, done[arm])}", flush=True)  # each arm as it ends
             ray.shutdown()
         finally:
             server.stop()
             admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-
-    trial_s = args.epochs * args.epoch_s
-    ideal = args.slots / trial_s * 3600
-    reports = args.trials * args.epochs
-    print(f"\n{args.trials} trials x {args.epochs} epochs of {args.epoch_s:g} s, {args.slots} at a time on one local "
-          f"Ray of {args.slots} logical CPUs ({os.cpu_count()} real cores, shared); {len(LOGGED)} metrics per "
-          f"report; ideal {ideal:.0f} trials/h ({args.slots} / {trial_s:g} s)")
-    print(f"{'how':82s} {'wall s':>7s} {'trials/h':>8s} {'x ideal':>7s} {'driver CPU ms/report':>20s}")
-    for arm, r in done.items():
-        rate = args.trials / r["wall"] * 3600
-        print(f"{ARMS[arm]:82s} {r['wall']:7.1f} {rate:8.0f} {rate / ideal:7.2f} {r['cpu'] / reports * 1000:20.2f}")
-    for arm, r in done.items():
-        if arm == "plain":
-            continue
-        runs, incomplete = r["check"]
-        print(f"{ARMS[arm][:3]} MLflow server CPU {r['server_cpu']:.1f} s ({r['server_cpu'] / reports * 1000:.2f} ms "
-              f"per report); latency per call the driver made:")
-        print("\n".join(r["latency"][1].rows("mlflow") + r["latency"][0].rows("optuna")))
-        print(f"{ARMS[arm][:3]} child runs: {runs} of {args.trials}; {incomplete} missing a metric of an epoch "
-              f"(each should hold {len(LOGGED)} metrics x {args.epochs} epochs)")
+    print(f"\n{header}\n" + "\n".join(report(args, arm, r).splitlines()[0] for arm, r in done.items()))
 
 
 if __name__ == "__main__":
