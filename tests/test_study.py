@@ -76,7 +76,7 @@ def test_tables_have_every_approach_and_source_with_patient_intervals_and_holm(s
     arms = table[~table["approach"].isin(["baseline", "majority", "classical"])]
     assert (arms["seeds"] == 2).all() and arms["seed_auc_sd"].notna().all()
     compared = table[table["approach"] != "baseline"]
-    assert (compared["auc_diff_p"] >= 1 / 201).all() and (compared["auc_diff_p"] <= 1).all()
+    assert (compared["auc_diff_p"] >= 1 / 201 - 1e-9).all() and (compared["auc_diff_p"] <= 1).all()  # B = 200
     assert (arms["auc_diff_p_holm"] >= arms["auc_diff_p"] - 1e-12).all() and (arms["auc_diff_mdd"] > 0).all()
     text = result.tables["tables.md"].read_text()
     answer = text.split("### ")[0]

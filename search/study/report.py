@@ -124,7 +124,8 @@ def _differences(diff: dict[str, dict]) -> list[str]:
         return ["Every arm shares its normalisation, augmentation and training budget: no setting differs.", ""]
     arms = list(next(iter(diff.values())))
     return _table("Settings that differ between arms (lr, schedule, freeze depth: each arm's own search chose them)",
-                  ["setting", *arms], [[k, *(str(v[a]) for a in arms)] for k, v in diff.items()])
+                  ["setting", *arms], [[k, *(f"{v[a]:.4g}" if isinstance(v[a], float) else str(v[a]) for a in arms)]
+                                       for k, v in diff.items()])
 
 
 def markdown(results: pd.DataFrame, per_class: pd.DataFrame, primary: str, facts: dict) -> str:
