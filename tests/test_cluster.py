@@ -92,9 +92,10 @@ def trial_nodes(storage: Path) -> dict[int, str]:
 def test_search_on_two_nodes_logs_every_trial_and_the_study_to_postgres(two_node_cluster, postgres_uri, small_ptbxl, tmp_path):
     server = start_server(postgres_uri, tmp_path / "artifacts", port=free_port())
     try:
-        result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=4, max_epochs=4, max_concurrent=2,
-                            asha=False, space_overrides=SPACE, address=two_node_cluster.address, tracking_uri=server.url,
-                            storage_path=tmp_path / "ray_results", top_k=4, seed=1, optuna_storage=postgres_uri))
+        result = run_search(SearchSpec(
+            small_ptbxl, "classification", num_samples=4, max_epochs=4, max_concurrent=2, asha=False,
+            space_overrides=SPACE, address=two_node_cluster.address, tracking_uri=server.url,
+            storage_path=tmp_path / "ray_results", top_k=4, seed=1, optuna_storage=postgres_uri))
         nodes = trial_nodes(result.storage)
         assert sorted(nodes) == [0, 1, 2, 3]
         assert set(nodes.values()) == set(two_node_cluster.node_ips), nodes  # on the head and on the worker
@@ -113,9 +114,9 @@ def test_search_on_two_nodes_logs_every_trial_and_the_study_to_postgres(two_node
             assert (files / "model.pt").stat().st_size > 0  # uploaded through the server into its destination
 
         # The Optuna study that chose the configs lives in the same database, beside MLflow's tables, and holds each
-        # trial's last val_auc
+        # trial's best val_auc (the kept checkpoint's)
         study = optuna.load_study(study_name=result.name, storage=open_optuna_storage(postgres_uri))
-        last = {int(r.data.tags["trial_number"]): r.data.metrics["val_auc"] for r in children}
-        assert {t.number: t.value for t in study.trials} == pytest.approx(last)
+        best = {int(r.data.tags["trial_number"]): r.data.metrics["best_val_auc"] for r in children}
+        assert {t.number: t.value for t in study.trials} == pytest.approx(best)
     finally:
         server.stop()

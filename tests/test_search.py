@@ -79,7 +79,7 @@ def test_artifacts_on_the_top_trials_and_the_search(search: tuple[SearchResult, 
     client = MlflowClient(uri)
     best = result.best
     assert best is not None and best["best_val_auc"] == result.table["best_val_auc"].max()
-    top = set(result.table.sort_values("best_val_auc", ascending=False)["run_id"][:3])
+    top = set(result.table.sort_values("best_val_auc", ascending=False)["run_id"][:5])  # top_k 5 by default
     for run in children(uri, result):
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         if run.info.run_id in top:
