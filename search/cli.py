@@ -80,11 +80,11 @@ def _server(args: argparse.Namespace) -> int:
 
     server = start_server(args.backend_store_uri, args.artifacts_destination, host=args.host, port=args.port,
                           workers=args.workers)
-    print(f"MLflow tracking server on {server.url} (backend {mask_uri(args.backend_store_uri)}, "
-          f"artifacts {args.artifacts_destination}, log {server.log_path}); searches print their runs-table link",
-          flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of this process stops the server too
-    try:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of this process stops the server too (set
+    try:                                                      # before the line that tells a caller it is up)
+        print(f"MLflow tracking server on {server.url} (backend {mask_uri(args.backend_store_uri)}, "
+              f"artifacts {args.artifacts_destination}, log {server.log_path}); searches print their runs-table "
+              "link", flush=True)
         return server.process.wait()
     finally:
         server.stop()
