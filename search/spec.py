@@ -137,11 +137,9 @@ class SearchSpec:
             raise InputError(f"--half {self.half!r}: choose A or B (or leave it out for all rows)")
         if self.sampler not in SAMPLERS:
             raise InputError(f"--sampler {self.sampler!r}: choose {' or '.join(SAMPLERS)}")
-        for name in ("num_samples", "max_epochs", "reduction_factor", "cv"):
+        for name, least in (("num_samples", 1), ("max_epochs", 1), ("reduction_factor", 2), ("cv", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (2 if name == "reduction_factor"
-                                                                                   else 1):
-                least = 2 if name == "reduction_factor" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise InputError(f"--{name.replace('_', '-')} {value!r}: must be a whole number of at least {least}")
         if self.grace_period is not None and not 1 <= self.grace_period:
             raise InputError(f"--grace-period {self.grace_period}: must be at least 1 epoch")

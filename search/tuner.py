@@ -29,7 +29,7 @@ from search.errors import SearchFailed, SearchInterrupted
 from search.optuna_storage import open_optuna_storage
 from search.server import mask_uri
 from search.space import SearchSpace
-from search.spec import SearchSpec, checkpoint_path, load_pretrained  # noqa: F401 (checkpoint_path: the study's)
+from search.spec import SearchSpec
 from search.trainable import train_trial
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
