@@ -6,6 +6,7 @@ and MLflow's INFO chatter off through their own settings (`-v` keeps it).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -26,12 +27,13 @@ def _clock(seconds: float) -> str:
 
 class Progress(Callback):
     """The search's lines on `stream` (stdout). `pruned` is the scheduler's set of trials it stopped early;
-    `max_epochs` says "stopped by ASHA at epoch 3 of 10" rather than a bare count."""
+    `max_epochs` says "stopped by ASHA at epoch 3 of 10" rather than a bare count; with `budget_s` (the search's
+    time budget) the estimate never goes past what the budget leaves."""
 
     def __init__(self, metric: str, mode: str, num_samples: int, max_epochs: int, pruned: set[str],
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, budget_s: float | None = None):
         self.metric, self.mode, self.num_samples, self.max_epochs = metric, mode, num_samples, max_epochs
-        self.pruned = pruned
+        self.pruned, self.budget_s = pruned, budget_s
         self.stream = stream
         self.setup()
 
@@ -60,7 +62,10 @@ class Progress(Callback):
         queued = max(0, self.num_samples - done - running)
         elapsed = time.monotonic() - self.start
         best = f"best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else "no result yet"
-        left = f", ~{_clock(elapsed * (self.num_samples - done) / done)} left" if 0 < done < self.num_samples else ""
+        left = elapsed * (self.num_samples - done) / done if 0 < done < self.num_samples else None
+        if self.budget_s is not None and done < self.num_samples:
+            left = max(0.0, min(left if left is not None else math.inf, self.budget_s - elapsed))
+        left = f", ~{_clock(left)} left" if left is not None else ""
         return (f"{done}/{self.num_samples} done, {running} running, {queued} queued; {best}; "
                 f"{_clock(elapsed)} elapsed{left}")
 

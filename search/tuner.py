@@ -133,7 +133,8 @@ def run_search(spec: SearchSpec) -> SearchResult:
         scheduler, pruned = _scheduler(spec)
         runs = tracking.TrialRuns(client, experiment_id, parent, metric, spec.num_samples, pruned,
                                   tracking.trial_params(inputs.space), spec.max_epochs)
-        lines = progress.Progress(metric, mode, spec.num_samples, spec.max_epochs, pruned)
+        lines = progress.Progress(metric, mode, spec.num_samples, spec.max_epochs, pruned,
+                                  budget_s=spec.time_budget_s)
         tuner = tune.Tuner(
             _trainable(spec, inputs.models),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
