@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import ECGModel, FusedModel
+from .model import ECGModel, FusedModel, _default_temperature
 
 Model = ECGModel | FusedModel
 
@@ -15,7 +15,9 @@ class Ensemble(nn.Module):
 
     ``forward`` returns logits of the averaged *probabilities*: ``softmax(ensemble(x))`` (or ``sigmoid`` with
     ``multi_label``) is the weighted mean of the members' calibrated probabilities, so a caller treats an ensemble
-    like any model. For regression it returns the weighted mean of the members' outputs.
+    like any model. Those logits are divided by the ensemble's own ``temperature`` (1 until
+    ``calibration.set_temperature``): a mean of diverse members is less confident than any of them, so the ensemble
+    is recalibrated as a whole. For regression it returns the weighted mean of the members' outputs.
     """
 
     def __init__(self, members: list[Model], weights: list[float], multi_label: bool = False):
@@ -32,6 +34,8 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         total = float(sum(weights))
         self.register_buffer("weights", torch.tensor([w / total for w in weights]))
+        self.register_buffer("temperature", torch.ones(()))
+        self.register_load_state_dict_pre_hook(_default_temperature)
         self.multi_label = bool(multi_label)
         self.config = {"name": "ensemble", **{k: first[k] for k in ("task", "n_outputs", "n_leads", "length")},
                        "multi_label": self.multi_label, "weights": self.weights.tolist(),
@@ -49,6 +53,8 @@ class Ensemble(nn.Module):
             return (w * outs).sum(0)
         log_w = w.log()
         if self.multi_label:  # logit of the mean probability: log mean p - log mean (1 - p)
-            return (torch.logsumexp(log_w + nn.functional.logsigmoid(outs), 0)
+            mean = (torch.logsumexp(log_w + nn.functional.logsigmoid(outs), 0)
                     - torch.logsumexp(log_w + nn.functional.logsigmoid(-outs), 0))
-        return torch.logsumexp(log_w + outs.log_softmax(-1), 0)  # log of the mean probability
+        else:
+            mean = torch.logsumexp(log_w + outs.log_softmax(-1), 0)  # log of the mean probability
+        return mean / self.temperature

@@ -106,11 +106,13 @@ def best_trial(client: Any, parent: Any, metric: str, workdir: Path) -> tuple[An
 
 
 class Choice(NamedTuple):
-    """What to register: the trials (best first for a single one), their weights, the metric value, and why."""
+    """What to register: the trials (best first for a single one), their weights, the metric value, why, and an
+    ensemble's own temperature (fitted on the validation rows it was selected on)."""
     trials: list[Scored]
     weights: list[float]
     value: float
     reason: str
+    temperature: float = 1.0
 
 
 def _number(trial: Scored) -> str:
@@ -136,7 +138,7 @@ def choose(client: Any, top: list[Scored], metric: str, k: int | None) -> Choice
     value = ENSEMBLE_METRICS[metric](truth, avg)
     names = ", ".join(f"{_number(t)} ({w:.2f})" for t, w in zip(trials, picked.weights))
     chosen = Choice(trials, picked.weights, float(value), f"the greedy ensemble of trials {names} of the top "
-                    f"{len(pool)}")
+                    f"{len(pool)}", ensemble_temperature(truth, avg, task))
     if len(trials) == 1:
         return single._replace(reason=single.reason + f" (greedy selection over the top {len(pool)} kept one trial)")
     if k is not None:
@@ -148,6 +150,19 @@ def choose(client: Any, top: list[Scored], metric: str, k: int | None) -> Choice
     if held.ensemble_wins:
         return chosen._replace(reason=chosen.reason + f": it scores {versus}")
     return single._replace(reason=single.reason + f": the ensemble of the top {len(pool)} scores {versus}")
+
+
+def ensemble_temperature(y_true: np.ndarray, mean: np.ndarray, task: str) -> float:
+    """The temperature that calibrates an ensemble's mean probabilities on its validation rows (1 for regression):
+    averaging diverse calibrated members leaves the mean underconfident."""
+    from ecgmodels import fit_temperature
+
+    if task != "classification":
+        return 1.0
+    p = np.clip(mean.astype(np.float64), 1e-7, 1 - 1e-7)
+    multi = y_true.ndim == 2
+    logits = np.log(p) - np.log1p(-p) if multi else np.log(p / p.sum(1, keepdims=True))
+    return fit_temperature(torch.from_numpy(logits), torch.from_numpy(y_true), multi_label=multi)
 
 
 def _register(client: Any, name: str, run_id: str, model: torch.nn.Module, path: Path, extra: dict) -> str:
@@ -177,14 +192,16 @@ SHARED_EXTRA = ("task", "target", "classes", "rate", "target_mean", "target_std"
 
 def _ensemble_checkpoint(choice: Choice, metric: str, path: Path) -> tuple[torch.nn.Module, dict]:
     """The chosen trials' models as one ecgmodels.Ensemble, saved at `path`, and its checkpoint extra."""
-    from ecgmodels import Ensemble, load_checkpoint, save_checkpoint
+    from ecgmodels import Ensemble, load_checkpoint, save_checkpoint, set_temperature
 
     first = choice.trials[0].extra
     single_label = first.get("config", {}).get("single_label", True)
     model = Ensemble([load_checkpoint(t.path) for t in choice.trials], choice.weights,
                      multi_label=first["task"] == "classification" and not single_label).eval()
+    set_temperature(model, choice.temperature)
     extra = {**{k: first[k] for k in SHARED_EXTRA if k in first}, "config": {"single_label": single_label},
-             "members": [t.run.info.run_id for t in choice.trials], "weights": choice.weights, metric: choice.value}
+             "members": [t.run.info.run_id for t in choice.trials], "weights": choice.weights, metric: choice.value,
+             "temperature": choice.temperature}
     save_checkpoint(model, path, extra=extra)
     return model, extra
 
@@ -233,6 +250,7 @@ def register(client: Any, parent: Any, name: str, metric: str, choice: Choice, f
             "trial_id": ",".join(t.run.data.tags.get("trial_id", "") for t in choice.trials),
             "trial_number": ",".join(numbers), "kind": kind, "member_run_ids": ",".join(run_ids),
             "member_weights": ",".join(f"{w:.4f}" for w in choice.weights), "choice": choice.reason,
+            "temperature": f"{choice.temperature:.4f}",
             "dataset_hash": extra.get("dataset_hash", ""), "pretrained": ",".join(extra.get("pretrained", [])),
             "task": extra["task"], "target": str(extra.get("target")), "rate": str(extra.get("rate")),
             "metric": metric, metric: str(value), "selected_on_val": str(kind == "ensemble").lower(),

@@ -15,8 +15,8 @@ from data_prep.dataset import open_dataset
 from ecgmodels import Ensemble, create_model, load_checkpoint, save_checkpoint, set_temperature
 from search import metrics
 from search.cli import main
-from search.ensemble import Predictions, average, compare, greedy, score
-from search.promote import Choice, find_search, promote, register, scored_trials
+from search.ensemble import Predictions, Selection, average, common_rows, compare, greedy, score
+from search.promote import Choice, ensemble_temperature, find_search, promote, register, scored_trials
 from search.spec import SearchSpec
 from search.tuner import run_search
 from search_fixtures import local_ray, small_ptbxl  # noqa: F401 (fixtures)
@@ -79,7 +79,11 @@ def test_greedy_regression_and_the_ensemble_modules_arithmetic():
         set_temperature(members[1], 3.0)
         with torch.inference_mode():
             want = 0.25 * prob(members[0](x)) + 0.75 * prob(members[1](x))
-            np.testing.assert_allclose(prob(Ensemble(members, [1, 3], multi).eval()(x)), want, atol=1e-6)
+            ens = Ensemble(members, [1, 3], multi).eval()
+            np.testing.assert_allclose(prob(ens(x)), want, atol=1e-6)
+            set_temperature(ens, 0.5)  # the ensemble's own temperature sharpens the mean: p^2, renormalised
+            sharp = want ** 2 / (want ** 2 + (1 - want) ** 2) if multi else want ** 2 / (want ** 2).sum(1, keepdim=True)
+            np.testing.assert_allclose(prob(ens(x)), sharp, atol=1e-5)
     regressors = [create_model("cnn1d", "regression", width=8).eval() for _ in range(2)]
     with torch.inference_mode():
         np.testing.assert_allclose(Ensemble(regressors, [1, 1])(x), (regressors[0](x) + regressors[1](x)) / 2,
@@ -103,6 +107,22 @@ def test_selection_on_real_trials_is_the_ensemble_module_on_their_checkpoints(se
     np.testing.assert_allclose(got, average(preds, picked), atol=1e-5)  # the npz holds calibrated probabilities
     held = compare(preds, "classification")
     assert len(held.single) == len(held.ensemble) == 2 and np.isfinite(held.single[1])
+
+
+def test_the_ensemble_temperature_minimises_the_nll_of_its_mean_on_the_val_rows(search):
+    _, trials = search
+    preds = common_rows([Predictions.load(f["val_predictions.npz"]) for f in trials.values()])
+    y = preds[0].y_true
+    mean = average(preds, Selection(list(range(len(preds))), [1 / len(preds)] * len(preds), ()))
+    t = ensemble_temperature(y, mean, "classification")
+
+    def nll_at(temp: float) -> float:
+        p = mean ** (1 / temp)
+        return metrics.nll(y, p / p.sum(1, keepdims=True))
+
+    assert nll_at(t) <= nll_at(1.0) + 1e-9
+    assert nll_at(t) <= min(nll_at(t * 1.25), nll_at(t / 1.25)) + 1e-9  # a minimum, not just better than 1
+    assert ensemble_temperature(y, mean, "regression") == 1.0
 
 
 def test_ensemble_checkpoint_round_trip(search, tmp_path):
@@ -133,7 +153,10 @@ def check_registered_mean(uri: str, name: str, version: str, trials: dict, x: np
     with torch.inference_mode():
         want = sum(w * torch.softmax(load_checkpoint(trials[m]["model.pt"]).eval()(torch.from_numpy(x)), 1)
                    for m, w in zip(members, weights)).numpy()
-    np.testing.assert_allclose(got, want, atol=1e-3)  # weights are tagged to 4 decimals
+    if len(members) > 1:  # the ensemble's own temperature, fitted on its val rows
+        want = want ** (1 / float(tags["temperature"]))
+        want /= want.sum(1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-3)  # weights and temperature are tagged to 4 decimals
     np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
     return tags
 
