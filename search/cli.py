@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--storage-path", type=Path, default=None, help="Ray results (default ./ray_results)")
     search.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler and of every trial")
     search.add_argument("--optuna-storage", default=None,
-                        help="database for the Optuna study, e.g. the MLflow postgresql://... URI")
+                        help="database for the Optuna study, e.g. the MLflow postgresql://... URI (default: a "
+                             "sqlite file beside the Ray state, <storage-path>/<name>-optuna.db)")
     search.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="Optuna sampler")
     search.add_argument("--startup-trials", type=int, default=None, metavar="N",
                         help="random trials before TPE narrows (default: 4 per architecture choice, at least 10)")
@@ -319,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("search", help="the search's MLflow run id or name")
     dashboard.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
     dashboard.add_argument("--optuna-storage", default=None,
-                           help="the database the search kept its study in (to follow a running search); by "
-                                "default the study the finished search logged (optuna_study.db)")
+                           help="the database the search kept its study in, when its run records it masked (a "
+                                "password); by default the study a finished search logged (optuna_study.db), or "
+                                "the live study a running search records (param optuna_storage)")
     dashboard.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1")
     dashboard.set_defaults(func=_dashboard)
 

@@ -19,6 +19,7 @@ import optuna
 
 from data_prep.dataset import PreparedDataset, open_dataset
 from data_prep.errors import InputError
+from search.optuna_storage import study_file_uri
 from search.warmstart import Fitted, fit_trial
 
 LOW, HIGH = 100, 500
@@ -62,8 +63,7 @@ def high_spec(spec: Any, high: str | Path, picks: list[tuple[Any, Fitted]], stor
     """The 500 Hz search: the picks enqueued in order into its Optuna study (a sqlite file under `storage_dir`
     unless the spec names an Optuna storage), one trial each, trained to max_epochs."""
     name = f"{spec.name}-{HIGH}hz"
-    uri = spec.optuna_storage or f"sqlite:///{Path(storage_dir).resolve() / f'{name}-optuna.db'}"
-    Path(storage_dir).mkdir(parents=True, exist_ok=True)
+    uri = spec.optuna_storage or study_file_uri(storage_dir, name)
     study = optuna.create_study(storage=uri, study_name=name, load_if_exists=True,
                                 direction="maximize" if spec.metric[1] == "max" else "minimize")
     for run, fitted in picks:
@@ -85,20 +85,23 @@ def tag_lineage(client: Any, low_parent: str, high_result: Any, storage_uri: str
                 client.set_tag(row["run_id"], key, str(value))
 
 
-def run_fidelity(spec: Any, high: str | Path) -> tuple[Any, Any]:
+def run_fidelity(spec: Any, high: str | Path, low_tags: dict[str, str] | None = None,
+                 **high_changes: Any) -> tuple[Any, Any]:
     """The 100 Hz search of `spec` (data at 100 Hz), then the 500 Hz search of its top-rung configurations on the
-    same records at `high`; returns both SearchResults (the champion is the 500 Hz one's best)."""
+    same records at `high`; returns both SearchResults (the champion is the 500 Hz one's best). `low_tags` replace
+    the spec's tags on the 100 Hz search's run; `high_changes` are SearchSpec fields of the 500 Hz search (e.g. its
+    `pretrained` backbones at 500 Hz, its `tags`)."""
     from search.tuner import run_search
 
     pair(spec.data, high)
     base = spec.replace(fidelity=None)
-    low = run_search(base)
+    low = run_search(base if low_tags is None else base.replace(tags=low_tags))
     inputs = base.replace(name=low.name).validate()
     picks = top_rung(inputs.client, low.parent_run_id, inputs.space, low.metric, low.mode, max(1, 2 * spec.top_k))
     if not picks:
         raise InputError(f"--fidelity rate: no trial of {low.name} reached the top rung; nothing to retrain at "
                          f"{HIGH} Hz")
-    retrain = high_spec(base.replace(name=low.name), high, picks, Path(low.storage).parent)
+    retrain = high_spec(base.replace(name=low.name), high, picks, Path(low.storage).parent).replace(**high_changes)
     result = run_search(retrain)
     tag_lineage(inputs.client, low.parent_run_id, result, retrain.optuna_storage)
     return low, result

@@ -43,9 +43,9 @@ class SearchSpec:
     else ASHA stops weak trials at rungs `grace_period` x `reduction_factor`^k epochs; `cv` K > 1 scores each trial
     as the mean over K patient-grouped folds of the half's train+val rows; `top_k` trials get their checkpoint and
     plots logged; `fault` is the trial contract's fault injection (tests); `parent_run_id` nests the search's run
-    under another (a study's), `tags` go on it; `optuna_storage` a database URI for the Optuna study; `warm_start`
-    names earlier searches whose finished trials seed this one; `fidelity` "rate" judges configurations at 100 Hz
-    first and retrains the best at 500 Hz."""
+    under another (a study's), `tags` go on it; `optuna_storage` a database URI for the Optuna study (run_search
+    defaults it to a sqlite file beside the Ray state); `warm_start` names earlier searches whose finished trials
+    seed this one; `fidelity` "rate" judges configurations at 100 Hz first and retrains the best at 500 Hz."""
 
     data: str | Path
     task: str = "classification"

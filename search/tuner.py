@@ -6,10 +6,13 @@ ASHA scheduler, while the driver tracks them in MLflow (search/tracking.py).
     result = run_search(SearchSpec("prepared/ptbxl-100", "classification", half="A", num_samples=8, max_epochs=4))
     print(result.table)
 
+Optuna's study lives in `--optuna-storage` or, by default, in `<storage path>/<name>-optuna.db` (the param
+`optuna_storage` on the parent run), where `ecgsearch dashboard` follows it live.
+
 A search whose driver died or was interrupted (Ctrl-C: parent run KILLED, tag `interrupted`) is finished by
 `resume_search(name_or_run_id)`: Ray Tune restores its trials and Optuna searcher from the storage path logged on the
-parent run (its params: the SearchSpec), finished trials stay finished, unfinished ones continue from their checkpoints and
-log to their own child runs again.
+parent run (its params: the SearchSpec; the restored searcher goes on in the same study), finished trials stay
+finished, unfinished ones continue from their checkpoints and log to their own child runs again.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler
 from data_prep.errors import InputError
 from search import progress, tracking, warmstart
 from search.errors import SearchFailed, SearchInterrupted
-from search.optuna_storage import open_optuna_storage
+from search.optuna_storage import drop_study, open_optuna_storage, study_file_uri
 from search.server import mask_uri
 from search.space import SearchSpace
 from search.spec import SearchSpec
@@ -109,9 +112,13 @@ def run_search(spec: SearchSpec) -> SearchResult:
     ds, client, uri = inputs.ds, inputs.client, inputs.uri
     name = spec.name or f"{spec.approach}-{spec.target or spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(spec.storage_path or Path.cwd() / "ray_results").resolve()
-    spec = spec.replace(data=str(Path(spec.data).resolve()), name=name, storage_path=str(storage))
+    own_study = not spec.optuna_storage  # the study file beside the Ray state, recorded as the param optuna_storage
+    spec = spec.replace(data=str(Path(spec.data).resolve()), name=name, storage_path=str(storage),
+                        optuna_storage=spec.optuna_storage or study_file_uri(storage, name))
     metric, mode = spec.metric
-    study_storage = open_optuna_storage(spec.optuna_storage) if spec.optuna_storage else None
+    study_storage = open_optuna_storage(spec.optuna_storage)
+    if own_study:
+        drop_study(study_storage, name)
 
     experiment_id = tracking.experiment_id(client, uri, spec.experiment)
     parent = client.create_run(experiment_id, run_name=name, tags={

@@ -1,5 +1,7 @@
 """The search's views: Optuna's own Plotly figures over the trials, written as one self-contained HTML page
-(plotly.js embedded: the MLflow artifact viewer shows it with no internet) logged on the search's parent run.
+(plotly.js embedded: the MLflow artifact viewer shows it with no internet) logged on the search's parent run. MLflow
+3.17 previews an HTML artifact of up to 50 MiB in an `<iframe sandbox="allow-scripts">` of a blob: URL: the page's
+inline scripts run there, but nothing can be fetched from it.
 
 ASHA stops trials at different epochs, so a trial's best value after 2 epochs is no rival of one after 10. The
 figures compare trials at one epoch: the last epoch that at least `MIN_COMPARED` trials reached (all of them when
@@ -127,15 +129,35 @@ def log_views(client: MlflowClient, parent: str, table: pd.DataFrame, space: Any
         client.log_artifact(parent, str(path))
 
 
-def serve_dashboard(search: str, tracking_uri: str | None = None, optuna_storage: str | None = None,
-                    port: int = 8080) -> int:
-    """optuna-dashboard on 127.0.0.1 over a search's Optuna study until Ctrl-C: the live study in `optuna_storage`
-    (the database the search ran with), else the study the search logged (`optuna_study.db`, once it finished)."""
-    import optuna_dashboard
-
+def recorded_study(run: Any) -> Any:
+    """The Optuna storage a search keeps its study in, as its parent run records it (param `optuna_storage`: the
+    sqlite file beside its Ray state by default); it holds the trials as the searcher saw them, live while the
+    search runs."""
     from data_prep.errors import InputError
     from search.optuna_storage import open_optuna_storage
+
+    name, uri = run.info.run_name, run.data.params.get("optuna_storage", "null")
+    if uri in ("", "null", "None"):
+        raise InputError(f"search {name}: no {STUDY_FILE} on its run and no Optuna storage recorded (its study was "
+                         "in memory)")
+    if "***" in uri:
+        raise InputError(f"search {name}: its study is in {uri}; give that URI with its password as --optuna-storage")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise InputError(f"search {name}: no study file at {uri.removeprefix('sqlite:///')} (the search ran on "
+                         "another machine?)")
+    return open_optuna_storage(uri)
+
+
+def serve_dashboard(search: str, tracking_uri: str | None = None, optuna_storage: str | None = None,
+                    port: int = 8080) -> int:
+    """optuna-dashboard on 127.0.0.1 over a search's Optuna study until Ctrl-C: the study in `optuna_storage` if
+    given; else the study a finished search logged (`optuna_study.db`: trials compared at one epoch); else, while
+    the search runs (or after it was interrupted), the live study its run records (`recorded_study`)."""
+    import optuna_dashboard
+
+    from search.optuna_storage import open_optuna_storage
     from search.promote import find_search
+    from search.server import mask_uri
     from search.tracking import open_store
 
     client, _ = open_store(tracking_uri)
@@ -143,13 +165,13 @@ def serve_dashboard(search: str, tracking_uri: str | None = None, optuna_storage
     with tempfile.TemporaryDirectory() as tmp:
         if optuna_storage:
             storage: Any = open_optuna_storage(optuna_storage)
+            what = f"live study in {mask_uri(optuna_storage)}"
         elif STUDY_FILE in {a.path for a in client.list_artifacts(run.info.run_id)}:
             path = client.download_artifacts(run.info.run_id, STUDY_FILE, tmp)
-            storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+            storage, what = optuna.storages.RDBStorage(f"sqlite:///{path}"), f"the finished search's {STUDY_FILE}"
         else:
-            raise InputError(f"search {run.info.run_name}: no {STUDY_FILE} on its run (it has not finished); give "
-                             "the --optuna-storage it ran with to follow it live")
-        print(f"optuna-dashboard on search {run.info.run_name}: open http://127.0.0.1:{port}/dashboard "
+            storage, what = recorded_study(run), f"live study in {run.data.params['optuna_storage']}"
+        print(f"optuna-dashboard on search {run.info.run_name} ({what}): open http://127.0.0.1:{port}/dashboard "
               "(Ctrl-C stops it)", flush=True)
         try:
             optuna_dashboard.run_server(storage, host="127.0.0.1", port=port)
