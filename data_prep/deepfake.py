@@ -9,7 +9,6 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from data_prep import checks, intervals
@@ -17,6 +16,7 @@ from data_prep.constants import CLASSES, LEADS, TARGETS
 from data_prep.dataset import DatasetWriter, cache_key, check_out, is_current, package_versions
 from data_prep.errors import InputError
 from data_prep.parallel import ordered_map, stream_into
+from data_prep.rates import resample
 from data_prep.splits import random_split, split_counts
 
 RATE, LENGTH = 500, 5000
@@ -66,7 +66,7 @@ def _generate(out: Path, count: int, seed: int, workers: int | None, rate: int, 
         for batch in generate(count, seed, device):
             for result in imap(_measure, batch):
                 measured.append(result)
-            writer.write(resample(batch, rate))
+            writer.write(resample(batch, rate, RATE))
             progress.update(len(batch))
         labels, dropped = _labels(pd.DataFrame(measured), np.arange(count), seed, outlier_sd, strict=False)
         return writer.finish(labels, _manifest(labels, seed, key, "extractor", [], dropped, rate=rate,
@@ -90,11 +90,6 @@ def generate(count: int, seed: int, device: str = "cpu") -> Iterator[np.ndarray]
             n = min(BATCH, count - start)
             noise = torch.rand(n, len(LEADS), LENGTH, generator=noise_rng) * 2 - 1
             yield (net(noise.to(device)) * GAN_SCALE_MV).float().cpu().numpy()
-
-
-def resample(ecgs: np.ndarray, rate: int) -> np.ndarray:
-    """ECGs at 500 Hz -> `rate` Hz along the last axis (polyphase, anti-aliased); unchanged at 500 Hz."""
-    return ecgs if rate == RATE else resample_poly(ecgs, rate, RATE, axis=-1).astype(np.float32)
 
 
 def _measure(ecg: np.ndarray) -> dict:
@@ -155,7 +150,7 @@ def _load_asc(job: tuple[str, bool, int]) -> tuple[np.ndarray | None, dict | str
         return None, str(e)
     except OSError as e:  # unreadable (a directory named .asc, no permission)
         return None, f"unreadable ({e.strerror or e})"
-    return resample(signal, rate), intervals.measure(signal, RATE) if measure else {}
+    return resample(signal, rate, RATE), intervals.measure(signal, RATE) if measure else {}
 
 
 def read_ground_truth(path: Path, strict: bool = False) -> tuple[pd.DataFrame, list[dict]]:

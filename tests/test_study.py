@@ -130,6 +130,21 @@ def test_finetuned_models_start_from_the_pretrained_weights(study):
         assert not torch.equal(first_tensor["hr"], first_tensor["qt"])  # four distinct backbones
 
 
+def test_deepfake_finetunes_start_warm_from_the_ptbxl_a_finetune_of_their_approach(study):
+    _, _, uri, _, _, _ = study
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("study-test").experiment_id
+    run = lambda name: client.search_runs([experiment], f"tags.`study.search` = '{name}'")[0]
+    for approach in ("single", "fused"):
+        twin, warm = run(f"finetune-{approach}-ptbxl-a"), run(f"finetune-{approach}-deepfake")
+        assert "warm_start_trials" not in twin.data.params
+        assert warm.data.params["warm_start_trials"] == "1" and warm.data.params["warm_start_enqueued"] == "1"
+        reused = client.download_artifacts(warm.info.run_id, "warm_start.json")
+        assert twin.info.run_id in Path(reused).read_text()
+
+
 def test_second_run_reuses_everything_and_trains_nothing(study):
     tmp, config, uri, _, _, first = study
     assert len(first.ran) == 15 and first.reused == []
@@ -159,6 +174,18 @@ def test_changed_config_reruns_only_what_it_changes(study):
             assert line.endswith("done") or "done  ->" in line, line
         if line.strip().startswith("finetune-"):
             assert "to run" in line, line
+    from mlflow import MlflowClient
+
+    from search.study.config import searches
+    from search.study.run import warm_starts
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("study-test").experiment_id
+    previous = {r.data.tags["study.search"]: r.info.run_id for r in client.search_runs(
+        [experiment], "tags.`study.stage` = 'finetune'")}
+    for s in searches(load_config(changed)):  # a search whose key changed starts from its previous key's trials
+        if s.stage == "finetune":
+            assert warm_starts(client, experiment, s, {}) == (previous[s.name],)
 
 
 def test_cli_plan_runs_nothing(study, capsys):

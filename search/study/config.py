@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from data_prep.constants import TARGETS
 from data_prep.errors import InputError
+from search.fidelity import HIGH as HIGH_RATE, LOW as LOW_RATE
 from search.space import APPROACHES
 
 STAGES = ("architectures", "pretrain", "finetune", "evaluate")
@@ -18,7 +19,7 @@ FINETUNE_HALF = "B"
 TAG = "study."  # prefix of the study's MLflow tags
 DEFAULTS: dict[str, Any] = {
     "name": "study", "workdir": "study", "experiment": None, "seed": 0, "single_label": True, "model_prefix": "",
-    "address": None,
+    "address": None, "fidelity": None,
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 2},
     "data": {"ptbxl": None, "deepfake": None},
     "architectures": {"archs": [], "tasks": [*TARGETS, "classification"], "num_samples": 1, "max_epochs": 2,
@@ -66,13 +67,14 @@ class Search:
         if pretrained is None:
             pretrained = {t: f"models:/{model_name(cfg, t, self.source)}@champion" for t in self.pretrained}
         return SearchSpec(
-            data_dir(cfg, self.dataset), self.task, target=self.target, approach=self.approach, pretrained=pretrained,
+            data_dir(cfg, self.dataset, LOW_RATE if cfg["fidelity"] else None), self.task, fidelity=cfg["fidelity"], target=self.target, approach=self.approach, pretrained=pretrained,
             half=self.half, num_samples=self.num_samples, space_overrides=self.space, max_epochs=self.max_epochs,
             tracking_uri=uri, name=f"{self.name}-{self.key}", storage_path=Path(cfg["workdir"]) / "ray_results",
             seed=cfg["seed"], max_concurrent=res["max_concurrent"], cpus_per_trial=res["cpus_per_trial"],
             gpus_per_trial=res["gpus_per_trial"], address=cfg["address"], experiment=cfg["experiment"],
             single_label=cfg["single_label"], parent_run_id=study_run,
-            tags={f"{TAG}search_key": self.key, f"{TAG}stage": self.stage, f"{TAG}name": cfg["name"],
+            tags={f"{TAG}search_key": self.key, f"{TAG}search": self.name, f"{TAG}stage": self.stage,
+                  f"{TAG}name": cfg["name"],
                   f"{TAG}source": self.source})
 
 
@@ -143,6 +145,11 @@ def load_config(path: str | Path, registered: Callable[[str], bool] | None = Non
     if data["deepfake"]:
         data["deepfake"]["rate"] = data["ptbxl"]["rate"]  # backbones transfer only between equal lengths
     cfg["data"] = data
+    if cfg["fidelity"] not in (None, "rate"):
+        raise InputError(f"{where} fidelity {cfg['fidelity']!r}: choose rate, or leave it out")
+    if cfg["fidelity"] and data["ptbxl"]["rate"] != HIGH_RATE:
+        raise InputError(f"{where} fidelity rate screens at {LOW_RATE} Hz and chooses at {HIGH_RATE} Hz: set "
+                         f"data.ptbxl.rate to {HIGH_RATE}")
 
     for approach in (a for a in fine["approaches"] if a != "baseline"):
         wanted = [fine["single_target"]] if approach == "single" else list(TARGETS)
@@ -217,9 +224,10 @@ def _check_source(name: str, spec: dict, where: str) -> dict:
     return spec
 
 
-def data_dir(cfg: dict, dataset: str) -> Path:
-    """Where the study prepares a source: workdir/data/ptbxl-<rate> or deepfake-<rate>."""
-    return Path(cfg["workdir"]) / "data" / f"{dataset}-{cfg['data'][dataset]['rate']}"
+def data_dir(cfg: dict, dataset: str, rate: int | None = None) -> Path:
+    """Where the study prepares a source: workdir/data/ptbxl-<rate> or deepfake-<rate> (`rate`: the source's own,
+    or the screening rate of `fidelity: rate`, derived from it)."""
+    return Path(cfg["workdir"]) / "data" / f"{dataset}-{rate or cfg['data'][dataset]['rate']}"
 
 
 def model_name(cfg: dict, target: str, source: str) -> str:
@@ -263,7 +271,8 @@ def searches(cfg: dict) -> list[Search]:
     for s in out:
         upstream = {t: keys.get(n, model_name(cfg, t, s.source)) for t, n in s.pretrained.items()}
         s.key = keys[s.name] = _key({**asdict(s), "key": "", "pretrained": upstream, "seed": cfg["seed"],
-                                     "single_label": cfg["single_label"], "data": cfg["data"][s.dataset]})
+                                     "single_label": cfg["single_label"], "data": cfg["data"][s.dataset],
+                                     **({"fidelity": cfg["fidelity"]} if cfg["fidelity"] else {})})
     return out
 
 

@@ -60,6 +60,7 @@ def evaluate(client: Any, cfg: dict, found: list[Search], runs: dict, data: Path
         scores, groups, facts = single_split(cfg, fine, ds, runs, uri)
         primary, retrained = "test", 0
     facts["differences"] = arm_settings(cfg, fine, chosen, backbones)
+    facts["fidelity"] = cfg["fidelity"]
     reference = next(iter(k for k in scores if k[0] == "baseline"), ("majority", "-"))
     results, per_class = ev.score_table(scores, reference, cfg["evaluate"]["n_boot"], cfg["seed"], groups, primary)
     paths = report.write_evaluation(results, per_class, out, primary, facts)

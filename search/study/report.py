@@ -101,7 +101,9 @@ def _touched(facts: dict) -> list[str]:
              f"DeepFake; none saw a PTB-XL-{FINETUNE_HALF} record.",
              f"- Stage 2 searches trained on PTB-XL-{FINETUNE_HALF}'s train split and chose each approach's "
              "configuration and epoch on its val split; its test split "
-             f"({facts['test_split_n']} records) touched nothing before stage 3."]
+             f"({facts['test_split_n']} records) touched nothing before stage 3. Warm starts: a DeepFake fine-tune "
+             "starts from the trials of the PTB-XL-A fine-tune of the same approach (their scores on the same val "
+             "split), and a search whose config changed from its previous run's trials."]
     if facts["mode"] == "crossfit":
         lines += [f"- Stage 3: {facts['n']} records of {facts['patients']} patients in {facts['folds']} "
                   f"patient-grouped, stratified folds (sizes {', '.join(map(str, facts['fold_sizes']))}). Each "
@@ -114,6 +116,10 @@ def _touched(facts: dict) -> list[str]:
                   "AUCs are " + ", ".join(f"{_name(*k)} {v:.3f}" for k, v in facts["test_split_auc"].items()) + "."]
     else:
         lines.append(f"- Stage 3 scored the registered models on the {facts['n']} test-split records.")
+    if facts.get("fidelity"):
+        lines.append("- Fidelity: every search of stages 0-2 screened its configurations at 100 Hz (the same records, "
+                     "resampled) under ASHA and chose among the best of them retrained at 500 Hz; stage 3 retrained "
+                     "and scored at 500 Hz only.")
     lines.append("- Every interval is a patient-level (cluster) bootstrap: patients are resampled with all their "
                  "records; a difference is computed on the same resampled patients for both models.")
     return lines + [""]

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from data_prep.errors import InputError
-from search.study.config import FINETUNE_HALF, STAGES, TAG, Search, _key, data_dir, evaluation_key, load_config
+from search.study.config import FINETUNE_HALF, LOW_RATE, STAGES, TAG, Search, _key, data_dir, evaluation_key
+from search.study.config import load_config
 from search.study.config import searches
 
 
@@ -90,6 +91,11 @@ def prepare_data(cfg: dict) -> dict[str, Path]:
     if d:
         out["deepfake"] = prepare_deepfake(data_dir(cfg, "deepfake"), count=d["count"], seed=cfg["seed"],
                                            asc_dir=d["asc_dir"], ground_truth=d["ground_truth"], rate=d["rate"])
+    if cfg["fidelity"]:  # the screening rate, derived record by record (the searches pair them)
+        from data_prep.rates import resample_dataset
+
+        for name in list(out):
+            out[f"{name}-{LOW_RATE}"] = resample_dataset(out[name], data_dir(cfg, name, LOW_RATE), LOW_RATE)
     return out
 
 
@@ -140,6 +146,9 @@ def plan(config: str | Path, tracking_uri: str | None = None) -> str:
                  f"{'done' if eval_done else 'to run'}")
     head = (f"study {cfg['name']} (experiment {cfg['experiment']}): {len(found)} searches, {total} trials, "
             f"{total - left} already done, {left} to run")
+    if cfg["fidelity"]:
+        head += (f"\nfidelity rate: each search screens at {LOW_RATE} Hz under ASHA, then retrains its top-rung "
+                 "configurations at the study's 500 Hz and chooses there")
     return "\n".join([head, *lines])
 
 
@@ -172,7 +181,8 @@ def run_study(config: str | Path, tracking_uri: str | None = None) -> StudyResul
             run = finished_search(client, experiment_id, s.key)
             if run is None:
                 ray_up()
-                run = _resume(client, experiment_id, s, uri) or _run_search(s, cfg, uri, study_run, runs)
+                run = (_resume(client, experiment_id, s, uri)
+                       or _run_search(s, cfg, uri, study_run, runs, experiment_id))
                 ran.append(s.name)
             else:
                 reused.append(s.name)
@@ -220,14 +230,39 @@ def _study_run(client: Any, experiment_id: str, cfg: dict, config: str | Path) -
     return run_id
 
 
-def _run_search(s: Search, cfg: dict, uri: str, study_run: str, runs: dict) -> Any:
+def _run_search(s: Search, cfg: dict, uri: str, study_run: str, runs: dict, experiment_id: str) -> Any:
     from mlflow import MlflowClient
 
     from search.tuner import run_search
 
+    client = MlflowClient(uri)
     pretrained = {t: f"models:/{runs_model(runs[n])}" for t, n in s.pretrained.items()}
-    result = run_search(s.spec(cfg, uri, pretrained, study_run))
-    return MlflowClient(uri).get_run(result.parent_run_id)
+    spec = s.spec(cfg, uri, pretrained, study_run)
+    spec = spec.replace(warm_start=warm_starts(client, experiment_id, s, runs))
+    if not spec.fidelity:
+        return client.get_run(run_search(spec).parent_run_id)
+    from search.fidelity import run_fidelity
+
+    # Screened at 100 Hz (on the upstream searches' 100 Hz backbones), chosen at 500 Hz: the 500 Hz search carries
+    # the study's tags (it is what a rerun finds and what is registered), the 100 Hz one says whose screen it was.
+    screen = spec.replace(pretrained={t: f"models:/{runs_model(runs[n], LOW_RATE)}" for t, n in s.pretrained.items()})
+    low_tags = {f"{TAG}screen_for": s.key, f"{TAG}stage": s.stage, f"{TAG}name": cfg["name"]}
+    _, high = run_fidelity(screen, data_dir(cfg, s.dataset), low_tags, pretrained=pretrained, tags=spec.tags)
+    return client.get_run(high.parent_run_id)
+
+
+def warm_starts(client: Any, experiment_id: str, s: Search, runs: dict) -> tuple[str, ...]:
+    """The earlier searches (run ids) whose trials seed search `s`, where that is sound: the newest finished run of
+    the same search under an older key (the config changed: same task, same space's names), and for a DeepFake
+    fine-tune, the PTB-XL-A fine-tune of the same approach (same space, other backbones) run in this study."""
+    earlier = client.search_runs(
+        [experiment_id], f"tags.`{TAG}search` = '{s.name}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=5)
+    out = [r.info.run_id for r in earlier if r.data.tags.get(f"{TAG}search_key") != s.key][:1]
+    twin = f"finetune-{s.approach}-ptbxl-a"
+    if s.stage == "finetune" and s.source == "deepfake" and twin in runs:
+        out.append(runs[twin].info.run_id)
+    return tuple(out)
 
 
 def _resume(client: Any, experiment_id: str, s: Search, uri: str) -> Any | None:
@@ -247,9 +282,10 @@ def _resume(client: Any, experiment_id: str, s: Search, uri: str) -> Any | None:
         return None
 
 
-def runs_model(run: Any) -> str:
-    """`NAME/VERSION` of the model registered from a search run (tagged by _register)."""
-    return run.data.tags[f"{TAG}model"]
+def runs_model(run: Any, rate: int | None = None) -> str:
+    """`NAME/VERSION` of the model registered from a search run (tagged by _register); with `rate` LOW_RATE, that
+    of its 100 Hz screen's best trial (`fidelity: rate`)."""
+    return run.data.tags[f"{TAG}model" + (f"_{rate}hz" if rate == LOW_RATE else "")]
 
 
 def _register(client: Any, s: Search, run: Any, uri: str) -> None:
@@ -257,12 +293,14 @@ def _register(client: Any, s: Search, run: Any, uri: str) -> None:
     search run) and tag the run with it."""
     from search.promote import promote
 
-    if f"{TAG}model" in run.data.tags:
-        return
-    promotion = promote(run.info.run_id, s.register_as, metric=s.metric, force=True, tracking_uri=uri, ensemble=1)
-    text = f"{s.register_as}/{promotion.version}"
-    client.set_tag(run.info.run_id, f"{TAG}model", text)
-    run.data.tags[f"{TAG}model"] = text
+    wanted = {f"{TAG}model": (run.info.run_id, s.register_as)}
+    if "fidelity.low_search" in run.data.tags and s.stage == "pretrain":  # the screen's backbone, for 100 Hz screens
+        wanted[f"{TAG}model_{LOW_RATE}hz"] = (run.data.tags["fidelity.low_search"], f"{s.register_as}-{LOW_RATE}hz")
+    for tag, (search_run, name) in wanted.items():
+        if tag not in run.data.tags:
+            promotion = promote(search_run, name, metric=s.metric, force=True, tracking_uri=uri, ensemble=1)
+            client.set_tag(run.info.run_id, tag, f"{name}/{promotion.version}")
+            run.data.tags[tag] = f"{name}/{promotion.version}"
 
 
 def load_registered(model_uri: str, tracking_uri: str) -> Any:
