@@ -47,7 +47,7 @@ def study(tmp_path_factory, sample_dir):
            "architectures": {"archs": []},
            "pretrain": {"targets": ["qrs"], "sources": ["ptbxl-a"], "num_samples": 1, "max_epochs": 1,
                         "space": SMALL_NET},
-           "finetune": {"approaches": ["baseline", "single"], "sources": ["ptbxl-a"], "num_samples": 1,
+           "finetune": {"approaches": ["single"], "sources": ["ptbxl-a"], "num_samples": 1,
                         "max_epochs": 1, "space": {**SMALL_NET, "freeze_depth": 1}},
            "evaluate": {"n_boot": 100, "trees": 50, "folds": 3, "seeds": [0]}}
     config = tmp / "study.yaml"
@@ -61,7 +61,7 @@ def test_each_search_screens_at_100_hz_and_chooses_at_500_hz(study):
     assert "fidelity rate: each search screens at 100 Hz" in plan(config, uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("study-fid").experiment_id
-    for name in ("pretrain-qrs-ptbxl-a", "finetune-baseline", "finetune-single-ptbxl-a"):
+    for name in ("pretrain-qrs-ptbxl-a", "finetune-single-ptbxl-a"):
         (chosen,) = client.search_runs([experiment], f"tags.`study.search` = '{name}'")
         screen = client.get_run(chosen.data.tags["fidelity.low_search"])
         assert screen.data.tags["study.screen_for"] == chosen.data.tags["study.search_key"]
@@ -80,10 +80,10 @@ def test_stage_3_scores_every_half_b_record_at_500_hz_and_a_rerun_trains_nothing
     table = pd.read_csv(first.tables["results.csv"])
     labels = pd.read_parquet(tmp / "work" / "data" / "ptbxl-500" / "labels.parquet")
     cohort = labels[(labels["half"] == "B") & (labels["label"] >= 0)]
-    assert set(table["approach"]) >= {"baseline", "single (qrs)"} and (table["oof_n"] == len(cohort)).all()
+    assert "single (qrs)" in set(table["approach"]) and (table["oof_n"] == len(cohort)).all()
     assert "screened its configurations at 100 Hz" in first.tables["tables.md"].read_text()
     for unit in (tmp / "work" / "evaluation" / "units").glob("*.npz"):
         with np.load(unit) as z:
             assert not set(z["rows"]) & (set(z["train_rows"]) | set(z["val_rows"]))
     again = run_study(config, uri)
-    assert again.ran == [] and again.retrained == 0 and len(again.reused) == 3
+    assert again.ran == [] and again.retrained == 0 and len(again.reused) == 2
