@@ -62,7 +62,7 @@ def _generate(out: Path, count: int, seed: int, workers: int | None, rate: int, 
         return out
     measured = []
     with DatasetWriter(out, capacity=count, length=LENGTH * rate // RATE) as writer, ordered_map(workers) as imap, \
-            tqdm(total=count, desc="DeepFake generate + label", unit="ECG") as progress:
+            tqdm(total=count, desc="DeepFake generate + label", unit="ECG", disable=None) as progress:
         for batch in generate(count, seed, device):
             for result in imap(_measure, batch):
                 measured.append(result)
@@ -114,7 +114,7 @@ def _read_asc(out: Path, asc_dir: Path, ground_truth: Path | None, seed: int, st
     jobs = [(str(f), truth is None, rate) for f in files]
     length = LENGTH * rate // RATE
     with DatasetWriter(out, capacity=len(files), length=length) as writer, ordered_map(workers) as imap, \
-            tqdm(total=len(files), desc="DeepFake .asc", unit="ECG") as progress:
+            tqdm(total=len(files), desc="DeepFake .asc", unit="ECG", disable=None) as progress:
         kept, measured, skipped = stream_into(writer, imap(_load_asc, jobs), [f.name for f in files], strict, WHAT,
                                               progress)
         ids = [files[i].stem for i in kept]

@@ -63,7 +63,7 @@ def prepare_ptbxl(root: str | Path, out: str | Path, rate: int = 100, features: 
     jobs = [(str(root / f), rate, twelve_sl is None) for f in meta[FILENAME[rate]]]
     length = rate * RECORD_SECONDS
     with DatasetWriter(out, capacity=len(meta), length=length) as writer, ordered_map(workers) as imap, \
-            tqdm(total=len(jobs), desc=f"PTB-XL {rate} Hz", unit="rec") as progress:
+            tqdm(total=len(jobs), desc=f"PTB-XL {rate} Hz", unit="rec", disable=None) as progress:
         kept, measured, skipped = stream_into(writer, imap(_load, jobs), meta["ecg_id"].tolist(), strict, WHAT,
                                               progress)
         skipped = skipped_meta + skipped

@@ -131,8 +131,8 @@ def quiet(verbose: bool = False) -> None:
     # prints its configuration box and a TensorBoard hint whatever the verbosity)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported (after this, often)
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own switch: no progress bars in a log file
+    if not sys.stderr.isatty():  # libraries' bars in a log file (data_prep's own bars: tqdm(disable=None))
+        os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm where it is imported after this
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

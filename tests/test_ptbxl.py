@@ -32,10 +32,14 @@ def test_labels_signals_and_shape_at_100_hz(ptbxl_root, tmp_path):
     assert ds.labels["hr"].between(30, 200).all()
 
 
-def test_shape_at_500_hz(ptbxl_root, tmp_path):
+def test_shape_at_500_hz_through_the_cli_with_no_progress_bar_in_a_log(ptbxl_root, tmp_path, capsys):
     keep_records(ptbxl_root, range(1, 41))  # the 40 records that have records500
-    ds = open_dataset(prepare_ptbxl(ptbxl_root, tmp_path / "ds", rate=500, workers=2))
+    assert main(["data", "ptbxl", "--root", str(ptbxl_root), "--out", str(tmp_path / "ds"), "--rate", "500",
+                 "--workers", "2"]) == 0
+    ds = open_dataset(tmp_path / "ds")
     assert ds.signals.shape == (40, 8, 5000) and ds.manifest["skipped"] == []
+    printed = capsys.readouterr()
+    assert "\r" not in printed.err + printed.out and "40 ECGs" in printed.out  # stderr is not a terminal here
 
 
 def test_leads_are_chosen_by_name_not_position(ptbxl_root, tmp_path):
