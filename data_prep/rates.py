@@ -2,7 +2,7 @@
 halves and splits, every signal resampled (polyphase, anti-aliased). What a search judged at 100 Hz and retrained
 at 500 Hz needs: two datasets that pair record by record (`search/fidelity.py`), whatever the raw files hold.
 
-    low = resample_dataset("prepared/ptbxl-500", "prepared/ptbxl-100", rate=100)   # reused while the source is unchanged
+    low = resample_dataset("prepared/ptbxl-500", "prepared/ptbxl-100", rate=100)   # reused while unchanged
 """
 from __future__ import annotations
 

@@ -67,7 +67,8 @@ class Search:
         if pretrained is None:
             pretrained = {t: f"models:/{model_name(cfg, t, self.source)}@champion" for t in self.pretrained}
         return SearchSpec(
-            data_dir(cfg, self.dataset, LOW_RATE if cfg["fidelity"] else None), self.task, fidelity=cfg["fidelity"], target=self.target, approach=self.approach, pretrained=pretrained,
+            data_dir(cfg, self.dataset, LOW_RATE if cfg["fidelity"] else None), self.task, fidelity=cfg["fidelity"],
+            target=self.target, approach=self.approach, pretrained=pretrained,
             half=self.half, num_samples=self.num_samples, space_overrides=self.space, max_epochs=self.max_epochs,
             tracking_uri=uri, name=f"{self.name}-{self.key}", storage_path=Path(cfg["workdir"]) / "ray_results",
             seed=cfg["seed"], max_concurrent=res["max_concurrent"], cpus_per_trial=res["cpus_per_trial"],
