@@ -245,7 +245,8 @@ def _run_search(s: Search, cfg: dict, uri: str, study_run: str, runs: dict, expe
 
     # Screened at 100 Hz (on the upstream searches' 100 Hz backbones), chosen at 500 Hz: the 500 Hz search carries
     # the study's tags (it is what a rerun finds and what is registered), the 100 Hz one says whose screen it was.
-    screen = spec.replace(pretrained={t: f"models:/{runs_model(runs[n], LOW_RATE)}" for t, n in s.pretrained.items()})
+    screen = spec.replace(pretrained={t: f"models:/{runs_model(runs[n], screen=True)}"
+                                      for t, n in s.pretrained.items()})
     low_tags = {f"{TAG}screen_for": s.key, f"{TAG}stage": s.stage, f"{TAG}name": cfg["name"]}
     _, high = run_fidelity(screen, data_dir(cfg, s.dataset), low_tags, pretrained=pretrained, tags=spec.tags)
     return client.get_run(high.parent_run_id)
@@ -282,10 +283,13 @@ def _resume(client: Any, experiment_id: str, s: Search, uri: str) -> Any | None:
         return None
 
 
-def runs_model(run: Any, rate: int | None = None) -> str:
-    """`NAME/VERSION` of the model registered from a search run (tagged by _register); with `rate` LOW_RATE, that
-    of its 100 Hz screen's best trial (`fidelity: rate`)."""
-    return run.data.tags[f"{TAG}model" + (f"_{rate}hz" if rate == LOW_RATE else "")]
+MODEL_TAG, SCREEN_MODEL_TAG = f"{TAG}model", f"{TAG}model_{LOW_RATE}hz"  # set by _register on a search run
+
+
+def runs_model(run: Any, screen: bool = False) -> str:
+    """`NAME/VERSION` of the model registered from a search run (tagged by _register); with `screen`, that of its
+    100 Hz screen's best trial (`fidelity: rate`)."""
+    return run.data.tags[SCREEN_MODEL_TAG if screen else MODEL_TAG]
 
 
 def _register(client: Any, s: Search, run: Any, uri: str) -> None:
@@ -293,9 +297,9 @@ def _register(client: Any, s: Search, run: Any, uri: str) -> None:
     search run) and tag the run with it."""
     from search.promote import promote
 
-    wanted = {f"{TAG}model": (run.info.run_id, s.register_as)}
+    wanted = {MODEL_TAG: (run.info.run_id, s.register_as)}
     if "fidelity.low_search" in run.data.tags and s.stage == "pretrain":  # the screen's backbone, for 100 Hz screens
-        wanted[f"{TAG}model_{LOW_RATE}hz"] = (run.data.tags["fidelity.low_search"], f"{s.register_as}-{LOW_RATE}hz")
+        wanted[SCREEN_MODEL_TAG] = (run.data.tags["fidelity.low_search"], f"{s.register_as}-{LOW_RATE}hz")
     for tag, (search_run, name) in wanted.items():
         if tag not in run.data.tags:
             promotion = promote(search_run, name, metric=s.metric, force=True, tracking_uri=uri, ensemble=1)
