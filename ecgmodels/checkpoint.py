@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 
 from .ensemble import Ensemble
+from .forest import Forest
 from .model import ECGModel, FusedModel
 from .registry import create_model
 from .transfer import freeze
 
-Model = ECGModel | FusedModel | Ensemble
+Model = ECGModel | FusedModel | Ensemble | Forest
 
 
 def save_checkpoint(model: Model, path: str | Path, extra: dict | None = None) -> None:
@@ -37,6 +38,9 @@ def build(config: dict) -> Model:
     """A freshly initialised model of this config (a model's ``config`` or a checkpoint's)."""
     if config["name"] == "ensemble":
         return Ensemble([build(c) for c in config["members"]], config["weights"], config["multi_label"])
+    if config["name"] == "forest":
+        return Forest(*(config[k] for k in ("n_leads", "length", "rate", "n_outputs", "trees", "nodes", "depth",
+                                            "n_features")))
     if config["name"] == "fused":
         sources = {k: build(c) for k, c in config["backbones"].items()}
         return FusedModel(sources, config["n_outputs"], config["task"], config["hparams"]["head_dropout"])
@@ -45,7 +49,7 @@ def build(config: dict) -> Model:
 
 
 def load_checkpoint(path: str | Path) -> Model:
-    """Rebuild the saved model (ECGModel, FusedModel or Ensemble) with its weights, normalisation, temperature and
+    """Rebuild the saved model (ECGModel, FusedModel, Forest or Ensemble) with its weights, normalisation, temperature and
     freezing depth."""
     ckpt = read_checkpoint(path)
     model = build(ckpt["config"])
@@ -59,7 +63,7 @@ def _refreeze(model: Model, frozen: int | list) -> Model:
         for member, depth in zip(model.members, frozen):
             _refreeze(member, depth)
         return model
-    return freeze(model, frozen)
+    return model if isinstance(model, Forest) else freeze(model, frozen)
 
 
 def _describe(config: dict) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .forest import Forest
 from .model import ECGModel, FusedModel, _default_temperature
 
-Model = ECGModel | FusedModel
+Model = ECGModel | FusedModel | Forest
 
 
 class Ensemble(nn.Module):

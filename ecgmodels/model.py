@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .normalize import Normalise
+from .stats import LeadStats
 
 TASKS = {"classification": 5, "regression": 1}  # task -> default number of outputs
 HEAD_DROPOUT = 0.5
@@ -95,7 +96,8 @@ def _default_temperature(module: nn.Module, state_dict: dict, prefix: str, *args
 
 
 class ECGModel(_HeadedModel):
-    """One architecture: ``norm`` -> ``backbone`` (named stages) -> ``pool`` -> ``head``."""
+    """One architecture: ``norm`` -> ``backbone`` (named stages) -> ``pool`` -> ``head``; with the hyperparameter
+    ``lead_stats`` the raw input's per-lead statistics (``LeadStats``) join the pooled features before the head."""
 
     def __init__(self, name: str, trunk: Trunk, task: str, n_outputs: int | None, n_leads: int, length: int,
                  norm: str, hparams: dict):
@@ -103,6 +105,8 @@ class ECGModel(_HeadedModel):
         n_outputs = resolve_task(task, n_outputs)
         self.norm = Normalise(norm, int(n_leads))
         self.backbone, self.pool, self.num_features = trunk
+        self.stats = LeadStats(int(n_leads)) if hparams.get("lead_stats") else None
+        self.num_features += self.stats.num_features if self.stats else 0
         self.head = make_head(self.num_features, n_outputs, hparams["head_dropout"])
         self.config = {"name": name, "task": task, "n_outputs": n_outputs, "n_leads": int(n_leads),
                        "length": int(length), "norm": norm,
@@ -121,8 +125,9 @@ class ECGModel(_HeadedModel):
         return self.pool(self.backbone(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw millivolts (N, n_leads, L) -> pooled backbone features (N, num_features)."""
-        return self.encode(self.norm(x))
+        """Raw millivolts (N, n_leads, L) -> pooled backbone features (and lead statistics): (N, num_features)."""
+        pooled = self.encode(self.norm(x))
+        return torch.cat([pooled, self.stats(x).to(pooled.dtype)], 1) if self.stats else pooled
 
 
 class FusedModel(_HeadedModel):

@@ -6,6 +6,8 @@ from typing import Callable
 
 from .model import HEAD_DROPOUT, ECGModel, Trunk
 
+MODEL_HPARAMS = {"head_dropout": HEAD_DROPOUT, "lead_stats": False}  # every architecture takes these too
+
 _MODELS: dict[str, Callable[..., Trunk]] = {}
 _SHAPE_ARGS = ("n_leads", "length")  # every architecture function takes these first, then its hyperparameters
 
@@ -27,10 +29,10 @@ def _arch(name: str) -> Callable[..., Trunk]:
 
 
 def default_hparams(name: str) -> dict:
-    """The architecture's searchable hyperparameters with their defaults (``head_dropout`` included)."""
+    """The architecture's searchable hyperparameters with their defaults (``MODEL_HPARAMS`` included)."""
     params = inspect.signature(_arch(name)).parameters
     hparams = {k: p.default for k, p in params.items() if k not in _SHAPE_ARGS}
-    return {**hparams, "head_dropout": HEAD_DROPOUT}
+    return {**hparams, **MODEL_HPARAMS}
 
 
 def create_model(name: str, task: str = "classification", n_outputs: int | None = None, n_leads: int = 8,
@@ -41,6 +43,6 @@ def create_model(name: str, task: str = "classification", n_outputs: int | None 
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for {name}; it takes {', '.join(defaults)}")
     hparams = {**defaults, **hparams}
-    arch_kw = {k: v for k, v in hparams.items() if k != "head_dropout"}
+    arch_kw = {k: v for k, v in hparams.items() if k not in MODEL_HPARAMS}
     trunk = _arch(name)(n_leads, length, **arch_kw)
     return ECGModel(name, trunk, task, n_outputs, n_leads, length, norm, hparams)

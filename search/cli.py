@@ -99,13 +99,13 @@ def _server(args: argparse.Namespace) -> int:
         server.stop()
 
 
-def _pairs(items: list[str]) -> dict[str, str]:
+def _pairs(items: list[str], flag: str = "--pretrained") -> dict[str, str]:
     """`--pretrained qrs=URI hr=URI` -> {"qrs": URI, "hr": URI}."""
     pairs = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise InputError(f"--pretrained {item!r}: write TARGET=URI, e.g. qrs=models:/ecg-qrs@champion")
+            raise InputError(f"{flag} {item!r}: write TARGET=URI, e.g. qrs=models:/ecg-qrs@champion")
         pairs[key] = value
     return pairs
 
@@ -122,7 +122,7 @@ def search_spec(args: argparse.Namespace) -> SearchSpec:
         storage_path=args.storage_path, seed=args.seed, sampler=args.sampler, n_startup_trials=args.startup_trials,
         asha=not args.no_asha, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         max_failures=args.max_failures, top_k=args.top_k, optuna_storage=args.optuna_storage, cv=args.cv,
-        warm_start=tuple(args.warm_start), fidelity=args.fidelity)
+        warm_start=tuple(args.warm_start), fidelity=args.fidelity, forest=not args.no_forest)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -134,7 +134,12 @@ def _search(args: argparse.Namespace) -> int:
 
         if not args.fidelity_data:
             raise InputError("--fidelity rate needs --fidelity-data DIR: the same records prepared at 500 Hz")
-        print(run_fidelity(spec, args.fidelity_data)[1].summary())
+        high = _pairs(args.fidelity_pretrained, "--fidelity-pretrained")
+        if set(high) != set(spec.pretrained):
+            raise InputError(f"--fidelity rate with --pretrained {' '.join(sorted(spec.pretrained))} needs "
+                             f"--fidelity-pretrained with the same targets at 500 Hz (got "
+                             f"{' '.join(sorted(high)) or 'none'}): the 100 Hz backbones cannot read 500 Hz ECGs")
+        print(run_fidelity(spec, args.fidelity_data, pretrained=high)[1].summary())
         return 0
     print(run_search(spec).summary())
     return 0
@@ -290,10 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trials whose checkpoint and plots are logged (promote's ensemble candidates)")
     search.add_argument("--warm-start", nargs="*", default=[], metavar="SEARCH",
                         help="start from the finished trials of these earlier searches (names or run ids)")
+    search.add_argument("--no-forest", action="store_true",
+                        help="do not fit the features + random-forest candidate that promote weighs beside the trials")
     search.add_argument("--fidelity", choices=("rate",), default=None,
                         help="rate: judge configurations at 100 Hz first, retrain the best at 500 Hz")
     search.add_argument("--fidelity-data", default=None, metavar="DIR",
                         help="with --fidelity rate: the --data records prepared at 500 Hz")
+    search.add_argument("--fidelity-pretrained", nargs="*", default=[], metavar="TARGET=URI",
+                        help="with --fidelity rate and --pretrained: the same targets' backbones at 500 Hz")
     search.set_defaults(func=_search)
 
     resume = sub.add_parser("resume", help="finish a search whose driver was killed or interrupted (Ctrl-C)")

@@ -14,10 +14,10 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from scipy import signal as sps
 from scipy import stats
 
 from data_prep.constants import CLASSES
+from ecgmodels.forest import signal_features  # noqa: F401  (the study's and benches' feature rows)
 from search.metrics import accuracy, macro_auc, per_class_auc
 
 SPLITS = ("train", "val", "test")
@@ -113,41 +113,6 @@ def majority_scores(train_labels: np.ndarray, n: int) -> np.ndarray:
     prior = (train_labels.mean(0) if train_labels.ndim == 2
              else np.bincount(train_labels, minlength=len(CLASSES)) / len(train_labels))
     return np.tile(prior, (n, 1))
-
-
-def signal_features(signals: np.ndarray, rate: int) -> np.ndarray:
-    """Hand-made features of (N, leads, L) ECGs in mV, one row per record.
-
-    Per lead: amplitude statistics of the baseline-removed signal (SD, min, max, 5th/95th percentiles, skewness,
-    kurtosis), R peaks found on the absolute signal (median peak amplitude, heart rate, RR spread, median width at
-    half prominence in ms as a QRS width proxy, median slope) and relative spectral power in 0.5-5, 5-15, 15-40 Hz.
-    """
-    bands = ((0.5, 5), (5, 15), (15, 40))
-    rows = []
-    for record in signals:
-        x = np.asarray(record, dtype=np.float64)
-        x = x - np.median(x, axis=1, keepdims=True)
-        feats = [x.std(1), x.min(1), x.max(1), *np.percentile(x, [5, 95], axis=1), stats.skew(x, axis=1),
-                 stats.kurtosis(x, axis=1), np.abs(np.diff(x, axis=1)).max(1) * rate]
-        freqs, power = sps.welch(x, fs=rate, nperseg=min(x.shape[1], 2 * rate), axis=1)
-        total = power.sum(1) + 1e-12
-        feats += [power[:, (freqs >= lo) & (freqs < hi)].sum(1) / total for lo, hi in bands]
-        feats += list(np.array([_peak_features(lead, rate) for lead in x]).T)
-        rows.append(np.concatenate([np.atleast_1d(f) for f in feats]))
-    return np.nan_to_num(np.array(rows, dtype=np.float32))
-
-
-def _peak_features(lead: np.ndarray, rate: int) -> tuple[float, float, float, float]:
-    """Median R amplitude, heart rate (bpm), RR SD (ms) and median peak width (ms) of one baseline-removed lead."""
-    a = np.abs(lead)
-    peaks, props = sps.find_peaks(a, distance=int(0.3 * rate), prominence=0.5 * np.percentile(a, 99))
-    if len(peaks) < 2:
-        return np.nan, np.nan, np.nan, np.nan
-    rr = np.diff(peaks) / rate
-    widths = sps.peak_widths(a, peaks, rel_height=0.5, prominence_data=(props["prominences"], props["left_bases"],
-                                                                       props["right_bases"]))[0]
-    return float(np.median(lead[peaks])), 60 / float(np.median(rr)), float(rr.std() * 1000), \
-        float(np.median(widths) / rate * 1000)
 
 
 def classical_scores(features: dict[str, np.ndarray], train_labels: np.ndarray, seed: int = 0, n_jobs: int = 1,

@@ -8,7 +8,8 @@ same bytes the trial wrote (a single trial, logged on its child run) or an `ecgm
 models (logged on the search's run), each applying its fitted temperature.
 
 Single or ensemble: `ensemble=K` registers the greedy ensemble (search/ensemble.py) of up to K top trials (those
-with a logged model: the search's `top_k`). Without it, promote compares the single best trial with the ensemble
+with a logged model: the search's `top_k`) and the search's features + forest candidate (search/forest.py), which
+joins every pool and may also be the single best. Without it, promote compares the single best trial with the ensemble
 of DEFAULT_ENSEMBLE by split-half cross-fitting on the validation rows (each chosen on one half, scored on the
 other, both ways) and registers the ensemble only when it wins there: on the rows that selected it an ensemble
 always looks at least as good. The `champion` comparison still uses each version's own validation metric, which
@@ -24,11 +25,12 @@ from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
+import scipy
 import torch
 
 import ecgmodels
 from data_prep.errors import InputError
-from search import ensemble, metrics, pyfunc_model, tracking
+from search import ensemble, forest, metrics, pyfunc_model, tracking
 from search.pyfunc_model import predict
 
 ALIAS = "champion"
@@ -70,29 +72,34 @@ def find_search(client: Any, search: str) -> Any:
 
 
 class Scored(NamedTuple):
-    """A trial with a logged checkpoint: its metric value, child run, local model.pt and the checkpoint's extra."""
+    """A candidate with a logged checkpoint: its metric value, run (a trial's child run, or the search's run for
+    the forest logged under `prefix` forest/), local model.pt and the checkpoint's extra."""
     value: float
     run: Any
     path: Path
     extra: dict
+    prefix: str = ""
 
 
 def scored_trials(client: Any, parent: Any, metric: str, workdir: Path) -> list[Scored]:
-    """The parent's child runs with a logged checkpoint, best first on `metric` (read from the checkpoint itself,
-    so it is the value of the epoch that checkpoint holds)."""
+    """The parent's child runs with a logged checkpoint, and the search's forest (search/forest.py) if it has one,
+    best first on `metric` (read from the checkpoint itself, so it is the value of the epoch that checkpoint
+    holds)."""
     from ecgmodels.checkpoint import read_checkpoint
 
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     scored = []
-    for run in children:
-        if "model.pt" not in {a.path for a in client.list_artifacts(run.info.run_id)}:
+    for run, prefix in [*((c, "") for c in children), (parent, forest.PREFIX)]:
+        if f"{prefix}model.pt" not in {a.path for a in client.list_artifacts(run.info.run_id, prefix or None)}:
             continue
-        path = Path(client.download_artifacts(run.info.run_id, "model.pt", str(workdir / run.info.run_id)))
+        path = Path(client.download_artifacts(run.info.run_id, f"{prefix}model.pt", str(workdir / run.info.run_id)))
         extra = read_checkpoint(path)["extra"]
         if metric not in extra:
+            if prefix:
+                continue  # the forest holds classification metrics only
             raise InputError(f"--metric {metric}: the checkpoints hold {', '.join(k for k in extra if 'val' in k)}")
-        scored.append(Scored(float(extra[metric]), run, path, extra))
+        scored.append(Scored(float(extra[metric]), run, path, extra, prefix))
     if not scored:
         raise InputError(f"search {parent.info.run_name} ({parent.info.run_id}) has no trial with a logged model")
     sign = 1 if metric_mode(metric) == "max" else -1
@@ -116,13 +123,16 @@ class Choice(NamedTuple):
 
 
 def _number(trial: Scored) -> str:
-    return trial.run.data.tags.get("trial_number", trial.run.info.run_id)
+    return "forest" if trial.prefix else trial.run.data.tags.get("trial_number", trial.run.info.run_id)
 
 
 def choose(client: Any, top: list[Scored], metric: str, k: int | None) -> Choice:
-    """The single best trial or the greedy ensemble of the top `k` (see the module docstring for `k` None)."""
-    single = Choice(top[:1], [1.0], top[0].value, f"the single best trial {_number(top[0])}")
-    pool = top[:k or DEFAULT_ENSEMBLE]
+    """The single best candidate or the greedy ensemble of the top `k` trials and the forest, if the search has
+    one (see the module docstring for `k` None). The forest joins the pool whatever its rank: the trials' values
+    are of the epochs the same val rows chose, so they rank above an unselected model's."""
+    single = Choice(top[:1], [1.0], top[0].value, f"the single best {'candidate' if top[0].prefix else 'trial'} "
+                    f"{_number(top[0])}")
+    pool = [t for t in top if not t.prefix][:k or DEFAULT_ENSEMBLE] + [t for t in top if t.prefix]
     if k == 1 or len(pool) < 2:
         return single if k == 1 else single._replace(reason=single.reason + " (the only trial with a logged model)")
     task = top[0].extra["task"]
@@ -130,7 +140,7 @@ def choose(client: Any, top: list[Scored], metric: str, k: int | None) -> Choice
         if k is None:
             return single._replace(reason=single.reason + f" (an ensemble is not scored on {metric})")
         raise InputError(f"--metric {metric}: an ensemble is scored on {', '.join(ENSEMBLE_METRICS)}")
-    preds = [ensemble.Predictions.load(client.download_artifacts(t.run.info.run_id, "val_predictions.npz",
+    preds = [ensemble.Predictions.load(client.download_artifacts(t.run.info.run_id, f"{t.prefix}val_predictions.npz",
                                                                  str(t.path.parent))) for t in pool]
     picked = ensemble.greedy(preds, task)
     trials = [pool[m] for m in picked.members]
@@ -178,6 +188,7 @@ def _register(client: Any, name: str, run_id: str, model: torch.nn.Module, path:
             code_paths=[str(Path(ecgmodels.__file__).parent)], signature=signature,
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                              f"scipy=={scipy.__version__}",
                               f"mlflow=={mlflow.__version__}"])
     try:  # through the client: log_model(registered_model_name=...) prints "Successfully registered" to stderr
         client.create_registered_model(name)

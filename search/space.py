@@ -33,6 +33,7 @@ assert set(SCHEDULE_PARAMS) == set(SCHEDULES)
 # dimension -> (type, smallest allowed value, largest allowed value); None = unbounded or not numeric
 _TYPES: dict[str, tuple[type, float | None, float | None]] = {
     "arch": (str, None, None), "norm": (str, None, None), "schedule": (str, None, None),
+    "lead_stats": (bool, None, None),
     "lr": (float, 0.0, None), "weight_decay": (float, 0.0, None), "batch_size": (int, 1, None),
     "patience": (int, 1, None), "freeze_depth": (int, 0, None), "pretrained_lr_mult": (float, 0.0, None),
     "schedule.warmup_epochs": (int, 0, None), "schedule.gamma": (float, 0.0, 1.0),
@@ -40,7 +41,7 @@ _TYPES: dict[str, tuple[type, float | None, float | None]] = {
     **{f"aug.{a}.p": (float, 0.0, 1.0) for a in AUGMENTATIONS},
     **{f"aug.{a}.strength": (float, 0.0, None) for a in AUGMENTATIONS},
 }
-_TOP_KEYS = ("arch", "archs", "norm", "lr", "weight_decay", "batch_size", "schedule", "schedules", "aug", "patience",
+_TOP_KEYS = ("arch", "archs", "norm", "lead_stats", "lr", "weight_decay", "batch_size", "schedule", "schedules", "aug", "patience",
              "freeze_depth", "pretrained_lr_mult")
 
 
@@ -194,8 +195,9 @@ class SearchSpace:
                 self._add(f"aug.{a}.{p}", v)
         if approach == "baseline":
             self._add("norm", spec.get("norm"), allowed=NORMALISATIONS)
+            self._add("lead_stats", spec.get("lead_stats", False))
             self._add("arch", spec.get("arch"), allowed=tuple(list_models()))
-            hparams = {a: tuple(default_hparams(a)) for a in list_models()}
+            hparams = {a: tuple(h for h in default_hparams(a) if h != "lead_stats") for a in list_models()}
             self.arch_dims = self._conditional("archs", spec.get("archs") or {}, hparams, self._values("arch"),
                                                "arch", types={a: default_hparams(a) for a in hparams})
         else:

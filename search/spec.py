@@ -45,7 +45,8 @@ class SearchSpec:
     plots logged; `fault` is the trial contract's fault injection (tests); `parent_run_id` nests the search's run
     under another (a study's), `tags` go on it; `optuna_storage` a database URI for the Optuna study (run_search
     defaults it to a sqlite file beside the Ray state); `warm_start` names earlier searches whose finished trials
-    seed this one; `fidelity` "rate" judges configurations at 100 Hz first and retrains the best at 500 Hz."""
+    seed this one; `fidelity` "rate" judges configurations at 100 Hz first and retrains the best at 500 Hz;
+    `forest` fits the features + random-forest candidate after the trials (search/forest.py)."""
 
     data: str | Path
     task: str = "classification"
@@ -82,6 +83,7 @@ class SearchSpec:
     cv: int = 1
     warm_start: tuple[str, ...] = ()
     fidelity: str | None = None
+    forest: bool = True
 
     def replace(self, **changes: Any) -> "SearchSpec":
         return dataclasses.replace(self, **changes)

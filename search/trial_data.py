@@ -119,7 +119,7 @@ def build_model(config: dict, ds: PreparedDataset, pretrained: dict | None) -> t
         if unknown:
             raise InputError(f"unknown hyperparameter(s) {sorted(unknown)} for {config['arch']}")
         model = create_model(config["arch"], config["task"], n_out, ds.signals.shape[1], ds.length, config["norm"],
-                             **hparams)
+                             **hparams, lead_stats=bool(config.get("lead_stats", False)))
         if config["norm"] == "global":  # from the half's training rows, labelled or not: every target pretrained
             rows = ds.select("train", config["half"])  # on one source gets the same scale (fused transfer needs it)
             if config["rows"]:  # explicit rows: fitted on those training rows only

@@ -27,7 +27,7 @@ import pandas as pd
 from ray.tune.schedulers import ASHAScheduler
 
 from data_prep.errors import InputError
-from search import progress, tracking, warmstart
+from search import forest, progress, tracking, warmstart
 from search.errors import SearchFailed, SearchInterrupted
 from search.optuna_storage import drop_study, open_optuna_storage, study_file_uri
 from search.server import mask_uri
@@ -50,6 +50,7 @@ class SearchResult:
     mode: str
     table: pd.DataFrame  # one row per trial: number, id, run id, status, epochs, best metric, reason, config
     storage: Path
+    forest: dict | None = None  # the features + forest candidate's val metrics (search/forest.py), if fitted
 
     @property
     def best(self) -> pd.Series | None:
@@ -74,6 +75,9 @@ class SearchResult:
         if best is not None:
             lines.append(f"best: trial {best['trial_number']} ({best['arch']}), {self.metric} "
                          f"{best[f'best_{self.metric}']:.4f}, MLflow run {best['run_id']}")
+        if self.forest:
+            lines.append(f"features + forest candidate (for promote): val_auc {self.forest['val_auc']:.4f}, val_acc "
+                         f"{self.forest['val_acc']:.4f}, fitted in {self.forest['seconds']:.0f} s")
         uri = mask_uri(self.tracking_uri)
         ui = "" if uri.startswith("http") else f"ecgsearch ui --tracking-uri {uri}, then "
         lines.append(f"MLflow UI: {ui}open {mask_uri(self.ui_url())}")
@@ -250,6 +254,7 @@ def _fit(tuner: Any, runs: tracking.TrialRuns, result: SearchResult, client: Any
                     tracking.log_trial_artifacts(client, run_id, Path(d), spec.task, spec.target)
         tracking.log_search_summary(client, parent, table, space, metric, mode)
         client.log_text(parent, per_architecture(table).to_string(index=False), "trials_per_arch.txt")
+        result.forest = forest.log_forest(client, parent, spec)
         status = "FINISHED"
     except KeyboardInterrupt:  # a second Ctrl-C, while Tune was saving its state
         status = "KILLED"

@@ -25,7 +25,8 @@ from test_promote import TINY
 
 @pytest.fixture(scope="module")
 def search(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
-    """Two 2-epoch trials of one search, every one with its checkpoint logged; their files downloaded."""
+    """Two 2-epoch trials of one search, every one with its checkpoint logged, and the search's features + forest
+    candidate (keyed by the search's run id); their files downloaded."""
     tmp = tmp_path_factory.mktemp("ensemble")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=2, max_epochs=2, tracking_uri=uri,
@@ -39,7 +40,10 @@ def search(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactor
         assert "reliability.png" in {a.path for a in client.list_artifacts(run.info.run_id)}  # a top trial's plots
         trials[run.info.run_id] = {f: Path(client.download_artifacts(run.info.run_id, f, str(where)))
                                    for f in ("model.pt", "val_predictions.npz")}
-    assert len(trials) == 2
+    assert len(trials) == 2 and result.forest and 0 <= result.forest["val_auc"] <= 1
+    trials[result.parent_run_id] = {f: Path(client.download_artifacts(result.parent_run_id, f"forest/{f}",
+                                                                      str(tmp / "forest")))
+                                    for f in ("model.pt", "val_predictions.npz")}
     return uri, trials
 
 
@@ -97,7 +101,7 @@ def test_selection_on_real_trials_is_the_ensemble_module_on_their_checkpoints(se
     files = list(trials.values())
     preds = [Predictions.load(f["val_predictions.npz"]) for f in files]
     picked = greedy(preds, "classification")
-    assert sum(picked.weights) == pytest.approx(1) and set(picked.members) <= {0, 1}
+    assert sum(picked.weights) == pytest.approx(1) and set(picked.members) <= {0, 1, 2}
     y = preds[0].y_true
     assert picked.score >= max(score(y, p.y_score, "classification") for p in preds)
 
@@ -128,13 +132,13 @@ def test_the_ensemble_temperature_minimises_the_nll_of_its_mean_on_the_val_rows(
 def test_ensemble_checkpoint_round_trip(search, tmp_path):
     _, trials = search
     members = [load_checkpoint(f["model.pt"]) for f in trials.values()]
-    model = Ensemble(members, [3, 1]).eval()
+    model = Ensemble(members, [2, 1, 1]).eval()  # two nets and the forest
     save_checkpoint(model, tmp_path / "ens.pt", extra={"members": list(trials)})
     loaded = load_checkpoint(tmp_path / "ens.pt").eval()
     x = torch.randn(3, 8, 1000)
     with torch.inference_mode():
         assert torch.equal(loaded(x), model(x))
-    assert loaded.config["weights"] == [0.75, 0.25] and loaded.frozen == [0, 0]
+    assert loaded.config["weights"] == [0.5, 0.25, 0.25] and loaded.frozen == [0, 0, 0]
     assert [m.temperature.item() for m in loaded.members] == [m.temperature.item() for m in members]
 
 
@@ -167,7 +171,7 @@ def test_an_ensemble_registers_as_one_pyfunc_with_its_members_as_lineage(search,
     mlflow.set_tracking_uri(uri)  # what promote() sets before it registers
     mlflow.set_registry_uri(uri)
     parent = find_search(client, "ens")
-    top = scored_trials(client, parent, "val_auc", tmp_path)
+    top = [t for t in scored_trials(client, parent, "val_auc", tmp_path) if not t.prefix]  # the two trials
     pair = Choice(top[:2], [0.75, 0.25], top[0].value, "a chosen pair")
     done = register(client, parent, "ecg-pair", "val_auc", pair, False, tmp_path)
     assert done.kind == "ensemble" and done.message.startswith("registered a chosen pair")
@@ -176,6 +180,50 @@ def test_an_ensemble_registers_as_one_pyfunc_with_its_members_as_lineage(search,
     assert tags["member_run_ids"] == ",".join(t.run.info.run_id for t in top[:2])
     assert tags["run_id"] == parent.info.run_id and tags["member_weights"] == "0.7500,0.2500"
     assert tags["trial_number"] == ",".join(t.run.data.tags["trial_number"] for t in top[:2])
+
+
+def test_the_forest_candidate_is_the_search_s_forest_calibrated_and_registers_beside_a_net(search, small_ptbxl,
+                                                                                          tmp_path):
+    """The forest logged on the search's run predicts exactly what scikit-learn's forest fitted on the search's
+    train rows does; its val predictions are those probabilities at a temperature that lowers their NLL; and an
+    ensemble of it and a net registers as one pyfunc that predicts their weighted mean."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    from ecgmodels import signal_features
+    from search import forest
+
+    uri, trials = search
+    client = MlflowClient(uri)
+    parent = find_search(client, "ens")
+    files = trials[parent.info.run_id]
+    ds = open_dataset(small_ptbxl)
+    rows = {s: ds.select(s, None, True) for s in ("train", "val")}
+    y = {s: ds.labels["label"].to_numpy()[r] for s, r in rows.items()}
+    feats = {s: signal_features(ds.signals[r], ds.rate) for s, r in rows.items()}
+    reference = RandomForestClassifier(forest.TREES, min_samples_leaf=2, max_leaf_nodes=forest.LEAVES, random_state=0,
+                                       class_weight="balanced_subsample").fit(feats["train"], y["train"])
+    model = load_checkpoint(files["model.pt"])
+    want = np.zeros((len(rows["val"]), 5))
+    want[:, reference.classes_] = reference.predict_proba(feats["val"])
+    np.testing.assert_allclose(model.proba(torch.from_numpy(feats["val"])).numpy(), want, atol=1e-12)
+
+    npz = np.load(files["val_predictions.npz"])
+    assert np.array_equal(npz["rows"], rows["val"]) and np.array_equal(npz["y_true"], y["val"])
+    t = model.temperature.item()
+    tempered = np.clip(want, 1e-6, None) ** (1 / t)
+    np.testing.assert_allclose(npz["y_score"], tempered / tempered.sum(1, keepdims=True), atol=1e-6)
+    untempered = np.clip(want, 1e-6, None) / np.clip(want, 1e-6, None).sum(1, keepdims=True)
+    assert metrics.nll(y["val"], npz["y_score"]) <= metrics.nll(y["val"], untempered) + 1e-9
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    top = scored_trials(client, parent, "val_auc", tmp_path)
+    wide = [next(c for c in top if c.prefix == "forest/"), next(c for c in top if not c.prefix)]
+    done = register(client, parent, "ecg-wide", "val_auc", Choice(wide, [0.5, 0.5], 0.0, "a net and the forest"),
+                    False, tmp_path)
+    x = np.asarray(ds.signals[:16], dtype=np.float32)
+    tags = check_registered_mean(uri, "ecg-wide", done.version, trials, x)
+    assert tags["trial_number"].startswith("forest,") and tags["member_run_ids"].startswith(parent.info.run_id)
 
 
 def test_promote_ensemble_registers_the_greedy_choice(search, small_ptbxl, capsys):
@@ -194,7 +242,7 @@ def test_promote_without_the_flag_weighs_single_against_ensemble_and_says_which(
     uri, _ = search
     done = promote("ens", "ecg-auto", tracking_uri=uri)
     tags = MlflowClient(uri).get_model_version("ecg-auto", done.version).tags
-    said = "registered the greedy ensemble" if done.kind == "ensemble" else "registered the single best trial"
+    said = "registered the greedy ensemble" if done.kind == "ensemble" else "registered the single best"
     assert done.message.startswith(said) and tags["choice"] in done.message and tags["kind"] == done.kind
     assert "held-out half-split val macro AUC" in done.message or "kept one trial" in done.message
 

@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Param
 from data_prep.errors import InputError
 from data_prep.ptbxl import prepare_ptbxl
 from search import fidelity
+from search.cli import main
 from search.spec import SearchSpec
 from search.tracking import experiment_id
 from search.tuner import SearchResult
@@ -50,8 +51,6 @@ def test_a_dataset_resampled_from_500_hz_pairs_with_it_and_holds_the_real_100_hz
                                                                                          capsys) -> None:
     import numpy as np
 
-    from search.cli import main
-
     real100, high, _ = both_rates
     assert main(["data", "resample", str(high), "--rate", "100", "--out", str(tmp_path / "r100")]) == 0
     assert "at 100 Hz" in capsys.readouterr().out
@@ -74,6 +73,19 @@ def test_datasets_of_other_records_or_rates_are_refused(both_rates) -> None:
         fidelity.pair(other, high)
     with pytest.raises(InputError, match="is at 500 Hz, expected 100 Hz"):
         fidelity.pair(high, high)
+
+
+def test_a_transfer_search_across_rates_needs_its_500_hz_backbones(both_rates, tmp_path, capsys) -> None:
+    low, high, _ = both_rates
+    base = ["search", "--data", str(low), "--task", "classification", "--approach", "single", "--fidelity", "rate",
+            "--fidelity-data", str(high), "--pretrained", "qrs=models:/ecg-qrs@champion", "--num-samples", "2",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--fidelity-pretrained with the same targets at 500 Hz (got none)" in err
+    assert main([*base, "--fidelity-pretrained", "qrs"]) == 2
+    assert "--fidelity-pretrained 'qrs': write TARGET=URI" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # refused before anything ran
 
 
 # a finished 100 Hz search: (params, best_val_auc, stopped_by)

@@ -13,7 +13,30 @@ ARCHS = ["cnn1d", "inception1d", "lstm", "resnet1d", "rnn", "vit1d"]
 def test_zoo_lists_every_architecture():
     assert list_models() == ARCHS
     assert default_hparams("inception1d") == {"depth": 6, "filters": 32, "kernel": 40, "bottleneck": 32,
-                                              "head_dropout": 0.5}
+                                              "head_dropout": 0.5, "lead_stats": False}
+
+
+@pytest.mark.parametrize("name", ["cnn1d", "lstm"])
+def test_lead_stats_let_a_zscore_model_see_the_voltage_it_normalises_away(name):
+    """Per-record z-scoring makes an ECG and the same ECG at twice the voltage (hypertrophy's criterion) identical
+    to the backbone; with lead_stats the head still gets each lead's amplitude, slope and spectral shape."""
+    torch.manual_seed(0)
+    t = torch.linspace(0, 10, 1000)
+    x = torch.stack([torch.sin(2 * torch.pi * 1.2 * t) * (i + 1) * 0.3 for i in range(8)])[None] + 0.01 * torch.randn(
+        1, 8, 1000)
+    batch = torch.cat([x, 2 * x])
+    plain = create_model(name, norm="zscore").eval()
+    wide = create_model(name, norm="zscore", lead_stats=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(*plain.features(batch), atol=1e-4)
+        f = wide.features(batch)
+    assert wide.num_features == plain.num_features + 8 * 11 == f.shape[1]
+    assert torch.allclose(f[0, :plain.num_features], f[1, :plain.num_features], atol=1e-4)
+    stats = f[:, plain.num_features:].reshape(2, 8, 11)
+    assert torch.allclose(stats[1, :, 0], torch.asinh(2 * torch.sinh(stats[0, :, 0])), atol=1e-4)  # SD doubled
+    assert (stats[0, 1:, 0] > stats[0, :-1, 0]).all()  # lead i's amplitude (i + 1) x 0.3 mV, in order
+    assert torch.allclose(stats[0, :, 8:].sinh().sum(-1), torch.ones(8), atol=0.05)  # ~all power in 0.5-40 Hz
+    assert wide(batch).shape == (2, 5) and not torch.allclose(*wide(batch))
 
 
 @pytest.mark.parametrize("length", [1000, 5000])

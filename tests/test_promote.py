@@ -28,6 +28,7 @@ from search_fixtures import local_ray, small_ptbxl  # noqa: F401 (fixtures)
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {"arch": "cnn1d", "archs": {"cnn1d": {"width": 8, "depth": 3}}, "batch_size": 32, "schedule": "constant",
+        "lead_stats": False,
         "aug": {a: {"p": 0.0} for a in ("noise", "wander", "scale", "shift", "lead_dropout", "time_mask")}}
 
 
@@ -37,7 +38,8 @@ def searches(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFact
     tmp = tmp_path_factory.mktemp("promote")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     runs = [run_search(SearchSpec(small_ptbxl, "classification", num_samples=2, max_epochs=epochs, tracking_uri=uri,
-                                  space_overrides={**TINY, "lr": lr}, storage_path=tmp / "ray", name=name, top_k=1))
+                                  space_overrides={**TINY, "lr": lr}, storage_path=tmp / "ray", name=name, top_k=1,
+                                  forest=False))
             for name, lr, epochs in (("weak", 1e-6, 1), ("strong", 3e-3, 4))]
     # 10 val rows, one of them not NORM: the learning rate alone does not decide which is better, so rank them
     weak, strong = sorted(runs, key=lambda r: r.best["best_val_auc"])

@@ -48,7 +48,9 @@ def test_default_space_conditions_hparams_on_arch_and_params_on_schedule() -> No
         assert "freeze_depth" not in config and "pretrained_lr_mult" not in config
         assert config["data"] == "/data" and config["approach"] == "baseline"
         assert {f"aug.{a}.{p}" for a in ("noise", "lead_dropout") for p in ("p", "strength")} <= set(config)
+        assert "arch.lead_stats" not in config  # a top-level setting, searched for every architecture
     assert [c["trial_number"] for c, _ in configs] == list(range(40))
+    assert {c["lead_stats"] for c, _ in configs} == {False, True}
 
 
 def test_fixed_and_narrowed_dimensions(tmp_path: Path) -> None:

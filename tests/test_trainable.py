@@ -56,8 +56,8 @@ def val_outputs(model: torch.nn.Module, data: Path, rows: np.ndarray) -> np.ndar
 
 def test_classification_reports_metrics_and_keeps_the_best_epoch(data: Path, tmp_path: Path) -> None:
     reports: list = []
-    best = run_trial(config(data, max_epochs=8, patience=1, lr=0.03, norm="global"), report=collect(reports),
-                     workdir=tmp_path)
+    best = run_trial(config(data, max_epochs=8, patience=1, lr=0.03, norm="global", lead_stats=True),
+                     report=collect(reports), workdir=tmp_path)
     assert 2 <= len(reports) < 8  # stopped early: one epoch without improvement
     for found, _ in reports:
         assert CLASSIFICATION_KEYS <= set(found) and all(math.isfinite(v) for v in found.values())
@@ -76,6 +76,7 @@ def test_classification_reports_metrics_and_keeps_the_best_epoch(data: Path, tmp
     assert np.array_equal(saved["y_true"], open_dataset(data).labels["label"].to_numpy()[saved["rows"]])
     model = load_checkpoint(tmp_path / "best" / "model.pt")
     assert model.norm.fitted and not torch.equal(model.norm.scale, torch.ones(8))  # "global" fitted on train rows
+    assert model.stats is not None and model.config["hparams"]["lead_stats"]  # the trial's setting, checkpointed
     probs = torch.softmax(torch.from_numpy(val_outputs(model, data, saved["rows"])), 1).numpy()
     np.testing.assert_allclose(probs, saved["y_score"], atol=1e-5)
 

@@ -69,11 +69,12 @@ class Search:
         return SearchSpec(
             data_dir(cfg, self.dataset, LOW_RATE if cfg["fidelity"] else None), self.task, fidelity=cfg["fidelity"],
             target=self.target, approach=self.approach, pretrained=pretrained,
-            half=self.half, num_samples=self.num_samples, space_overrides=self.space, max_epochs=self.max_epochs,
+            half=self.half, num_samples=self.num_samples, max_epochs=self.max_epochs,
+            space_overrides={"lead_stats": False, **self.space},  # transfer arms have no lead statistics
             tracking_uri=uri, name=f"{self.name}-{self.key}", storage_path=Path(cfg["workdir"]) / "ray_results",
             seed=cfg["seed"], max_concurrent=res["max_concurrent"], cpus_per_trial=res["cpus_per_trial"],
             gpus_per_trial=res["gpus_per_trial"], address=cfg["address"], experiment=cfg["experiment"],
-            single_label=cfg["single_label"], parent_run_id=study_run,
+            single_label=cfg["single_label"], parent_run_id=study_run, forest=False,  # the arms compare nets
             tags={f"{TAG}search_key": self.key, f"{TAG}search": self.name, f"{TAG}stage": self.stage,
                   f"{TAG}name": cfg["name"],
                   f"{TAG}source": self.source})

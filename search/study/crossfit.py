@@ -22,8 +22,8 @@ from search.study.config import FINETUNE_HALF, TAG, Search, _key, evaluation_key
 from search.study.run import runs_model
 
 REPORT_FILES = ("results.csv", "per_class_auc.csv", "tables.md", "differences.png")
-TRAINING_KEYS = ("norm", "batch_size", "max_epochs", "patience", "schedule", "lr", "weight_decay", "freeze_depth",
-                 "pretrained_lr_mult", "arch")  # settings the report compares between arms (with every aug.*)
+TRAINING_KEYS = ("norm", "lead_stats", "batch_size", "max_epochs", "patience", "schedule", "lr", "weight_decay",
+                 "freeze_depth", "pretrained_lr_mult", "arch")  # settings the report compares between arms (with every aug.*)
 
 
 def label(s: Search, cfg: dict) -> tuple[str, str]:
@@ -226,6 +226,7 @@ def arm_settings(cfg: dict, fine: list[Search], chosen: dict[str, dict], backbon
     table: dict[str, dict] = {}
     for s in fine:
         c = dict(chosen[s.name])
+        c["lead_stats"] = bool(c.get("lead_stats")) and not backbones[s.name]  # a transferred backbone has none
         if backbones[s.name]:
             c["norm"] = read_checkpoint(next(iter(backbones[s.name].values())))["config"]["norm"]
             c["arch"] = read_checkpoint(next(iter(backbones[s.name].values())))["config"]["name"] + " (backbone)"
