@@ -49,8 +49,8 @@ def build(config: dict) -> Model:
 
 
 def load_checkpoint(path: str | Path) -> Model:
-    """Rebuild the saved model (ECGModel, FusedModel, Forest or Ensemble) with its weights, normalisation, temperature and
-    freezing depth."""
+    """Rebuild the saved model (ECGModel, FusedModel, Forest or Ensemble) with its weights, normalisation,
+    temperature and freezing depth."""
     ckpt = read_checkpoint(path)
     model = build(ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])

@@ -1,11 +1,11 @@
 """The registered model: an ecgmodels checkpoint as an MLflow pyfunc, raw mV in, probabilities or bpm/ms out.
 
 Logged as code (MLflow's "models from code": this file, not a pickle) with the `ecgmodels` package bundled in the
-model's code_paths, so `mlflow.pyfunc.load_model("models:/NAME@champion")` needs torch, numpy, scipy (a forest member's
-features) and mlflow, not ecgsearch. Input: float32 (N, 8, L) raw millivolts (leads I, II, V1..V6, at the rate in the version's tags); the model
-normalises inside itself; output: class probabilities (N, 5) or values (N,) in the target's unit (bpm or ms).
-The checkpoint is one trial's model, the search's `ecgmodels.Forest`, or an `ecgmodels.Ensemble` of several; either way its logits are already divided
-by the fitted temperature (an ensemble's are the logits of its members' averaged calibrated probabilities), so the
+model's code_paths, so `mlflow.pyfunc.load_model("models:/NAME@champion")` needs torch, numpy, scipy (a forest's
+features) and mlflow, not ecgsearch. Input: float32 (N, 8, L) raw millivolts (leads I, II, V1..V6, at the rate in
+the version's tags); the model normalises inside itself; output: class probabilities (N, 5) or values (N,) in the
+target's unit (bpm or ms). The checkpoint is one trial's model, the search's `ecgmodels.Forest`, or an
+`ecgmodels.Ensemble` of several; either way its logits are already divided by the fitted temperature (an ensemble's are the logits of its members' averaged calibrated probabilities), so the
 softmax (sigmoid for multi-label) below gives calibrated probabilities without knowing which it is.
 """
 from __future__ import annotations

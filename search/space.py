@@ -41,8 +41,8 @@ _TYPES: dict[str, tuple[type, float | None, float | None]] = {
     **{f"aug.{a}.p": (float, 0.0, 1.0) for a in AUGMENTATIONS},
     **{f"aug.{a}.strength": (float, 0.0, None) for a in AUGMENTATIONS},
 }
-_TOP_KEYS = ("arch", "archs", "norm", "lead_stats", "lr", "weight_decay", "batch_size", "schedule", "schedules", "aug", "patience",
-             "freeze_depth", "pretrained_lr_mult")
+_TOP_KEYS = ("arch", "archs", "norm", "lead_stats", "lr", "weight_decay", "batch_size", "schedule", "schedules",
+             "aug", "patience", "freeze_depth", "pretrained_lr_mult")
 
 
 @dataclass(frozen=True)
