@@ -17,7 +17,9 @@ finished, unfinished ones continue from their checkpoints and log to their own c
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +231,12 @@ def _fit(tuner: Any, runs: tracking.TrialRuns, result: SearchResult, client: Any
     parent, metric, mode = result.parent_run_id, result.metric, result.mode
     status = "FAILED"
     started = time.monotonic()
+    handlers = _signal_handlers()
     try:
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        finally:  # Tune leaves its Ctrl-C handler installed: a later Ctrl-C (a study's stage 3) would be swallowed
+            _restore(handlers)
         unfinished = [r for r in results if not r.error and not r.metrics.get("done")]
         budget_over = spec.time_budget_s is not None and time.monotonic() - started >= spec.time_budget_s - 1
         if (unfinished and not budget_over) or (spec.time_budget_s is None and len(results) < spec.num_samples):
@@ -263,6 +269,18 @@ def _fit(tuner: Any, runs: tracking.TrialRuns, result: SearchResult, client: Any
     finally:
         client.set_terminated(parent, status)
     return result
+
+
+def _signal_handlers() -> dict:
+    """SIGINT's and SIGUSR1's handlers now (none off the main thread, where Tune installs none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+
+
+def _restore(handlers: dict) -> None:
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
 
 
 def per_architecture(table: pd.DataFrame) -> pd.DataFrame:

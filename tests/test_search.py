@@ -3,6 +3,7 @@ run, metrics per epoch, artifacts, an injected failure recorded while the others
 must fail before Ray starts: test_space.py.)"""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,22 @@ def search(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactor
     """8 tiny trials of 4 epochs, 2 at a time under ASHA; trial 1 raises at its first epoch."""
     tmp = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    HANDLERS["before"] = signal.getsignal(signal.SIGINT)
     result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=8, max_epochs=4, space_overrides=TINY,
                                    tracking_uri=uri, storage_path=tmp / "ray", name="tiny", seed=1, grace_period=1,
                                    optuna_storage=f"sqlite:///{tmp / 'optuna.db'}",
                                    fault={"trials": [1], "epoch": 1, "kind": "raise"}))
+    HANDLERS["after"] = signal.getsignal(signal.SIGINT)
     return result, uri
+
+
+HANDLERS: dict = {}
+
+
+def test_ctrl_c_after_a_search_reaches_the_caller_again(search: tuple[SearchResult, str]) -> None:
+    """Tune swaps in its own SIGINT handler while it runs; left installed, a Ctrl-C in whatever the caller does
+    next (a study's stage 3) would only print Tune's warning. The search puts the caller's handler back."""
+    assert HANDLERS["after"] is HANDLERS["before"]
 
 
 def children(uri: str, result: SearchResult) -> list:
@@ -87,7 +99,10 @@ def test_artifacts_on_the_top_trials_and_the_search(search: tuple[SearchResult, 
         else:
             assert "model.pt" not in names
     names = {a.path for a in client.list_artifacts(result.parent_run_id)}
-    assert {"trials.csv", "search_space.yaml", "search_views.html", "optuna_study.db"} <= names
+    assert {"trials.csv", "search_space.yaml", "search_views.html", "optuna_study.db", "forest"} <= names
+    assert {a.path for a in client.list_artifacts(result.parent_run_id, "forest")} == {
+        "forest/model.pt", "forest/val_predictions.npz"}
+    assert "features + forest candidate (for promote): val_auc" in result.summary()
     parent = client.get_run(result.parent_run_id)
     assert parent.data.metrics["best_val_auc"] == pytest.approx(best["best_val_auc"])
     assert parent.data.metrics["trials_failed"] == 1
