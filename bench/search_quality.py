@@ -115,7 +115,8 @@ def plain_model(data: Path, rows: dict, work: Path, args: argparse.Namespace, te
     from search.trainable import run_trial
 
     config = {**PLAIN, "lead_stats": lead_stats, "data": str(data), "task": "classification",
-              "max_epochs": args.plain_epochs, "seed": args.seed, "threads": args.threads, "rows": {s: rows[s].tolist() for s in ("train", "val")}}
+              "max_epochs": args.plain_epochs, "seed": args.seed, "threads": args.threads,
+              "rows": {s: rows[s].tolist() for s in ("train", "val")}}
     run_trial(config, report=lambda found, _: None, workdir=work)
     return model_scores(load_checkpoint(work / "best" / "model.pt"), test_x, np.arange(len(test_x)))
 

@@ -105,7 +105,10 @@ class Forest(nn.Module):
             node = torch.where(left < 0, node, torch.where(go_left, left, self.right[trees, node]))
         return self.value[trees, node].mean(1)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, n_features) -> (N, n_outputs) float32: log of the trees' mean probabilities over the temperature."""
+        return (self.proba(features).clamp_min(_FLOOR).log() / self.temperature).float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = torch.from_numpy(signal_features(x.detach().float().cpu().numpy(), self.config["rate"]))
-        logits = self.proba(feats.to(self.left.device)).clamp_min(_FLOOR).log()
-        return (logits / self.temperature).float()
+        return self.logits(feats.to(self.left.device))

@@ -38,19 +38,17 @@ def fit_forest(spec: Any, workdir: Path) -> tuple[Path, dict]:
     rows = task_rows({"task": "classification", "target": None, "single_label": True, "half": spec.half,
                       "rows": None}, ds)
     y = {s: ds.labels["label"].to_numpy(np.int64)[r] for s, r in rows.items()}
-    feats = {s: signal_features(ds.signals[np.sort(r)], ds.rate)[np.argsort(np.argsort(r))] for s, r in rows.items()}
+    feats = {s: signal_features(ds.signals[r], ds.rate) for s, r in rows.items()}  # rows are sorted
     forest = RandomForestClassifier(TREES, min_samples_leaf=2, max_leaf_nodes=LEAVES, random_state=spec.seed,
                                     class_weight="balanced_subsample",
                                     n_jobs=max(1, int(spec.max_concurrent * spec.cpus_per_trial)))
     model = Forest.from_sklearn(forest.fit(feats["train"], y["train"]), ds.signals.shape[1], ds.length, ds.rate,
                                 len(CLASSES))
     with torch.no_grad():
-        logits = model.proba(torch.from_numpy(feats["val"])).clamp_min(1e-6).log()
-        set_temperature(model, fit_temperature(logits.float(), torch.from_numpy(y["val"])))
-        score = torch.softmax(logits / model.temperature, 1).numpy()
-    found = {"val_auc": metrics.macro_auc(y["val"], score), "val_acc": metrics.accuracy(y["val"], score),
-             "val_nll": metrics.nll(y["val"], score), "val_brier": metrics.brier(y["val"], score),
-             "val_ece": metrics.ece(y["val"], score), "temperature": float(model.temperature)}
+        logits = model.logits(torch.from_numpy(feats["val"]))  # at temperature 1
+        set_temperature(model, fit_temperature(logits, torch.from_numpy(y["val"])))
+        score = torch.softmax(logits / model.temperature, 1).double().numpy()
+    found = {**metrics.classification("val", y["val"], score), "temperature": float(model.temperature)}
     extra = {**found, "task": "classification", "target": None, "classes": list(CLASSES), "rate": ds.rate,
              "dataset_hash": ds.content_hash, "config": {"single_label": True}, "kind": "forest"}
     path = workdir / "model.pt"

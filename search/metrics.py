@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import brier_score_loss, log_loss
 
+from data_prep.constants import CLASSES
+
 ECE_BINS = 15
 
 
@@ -120,3 +122,14 @@ def _binned_gap(confidence: np.ndarray, outcome: np.ndarray, bins: int = ECE_BIN
     which = np.clip((np.asarray(confidence) * bins).astype(np.int64), 0, bins - 1)  # 1.0 falls in the last bin
     gap = np.bincount(which, np.asarray(outcome, np.float64) - confidence, minlength=bins)
     return float(np.abs(gap).sum() / len(confidence))
+
+
+def classification(prefix: str, y_true: np.ndarray, y_score: np.ndarray) -> dict[str, float]:
+    """A split's logged classification metrics: `<prefix>_acc`, `<prefix>_auc`, and for "val" also the classes the
+    AUC covers, per-class F1, NLL, Brier score and ECE (what a trial's checkpoint and the forest candidate hold)."""
+    found = {f"{prefix}_acc": accuracy(y_true, y_score), f"{prefix}_auc": macro_auc(y_true, y_score)}
+    if prefix == "val":
+        found["val_auc_classes"] = auc_classes(y_true, len(CLASSES))
+        found.update({f"val_f1_{c}": float(f) for c, f in zip(CLASSES, f1_per_class(y_true, y_score))})
+        found.update(val_nll=nll(y_true, y_score), val_brier=brier(y_true, y_score), val_ece=ece(y_true, y_score))
+    return found

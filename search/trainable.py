@@ -180,13 +180,7 @@ class Trial:
     def split_metrics(self, prefix: str, y: np.ndarray, score: np.ndarray) -> dict:
         if self.task == "regression":
             return {f"{prefix}_mae": metrics.mae(y, score)}
-        found = {f"{prefix}_acc": metrics.accuracy(y, score), f"{prefix}_auc": metrics.macro_auc(y, score)}
-        if prefix == "val":
-            found["val_auc_classes"] = metrics.auc_classes(y, len(CLASSES))
-            found.update({f"val_f1_{c}": float(f) for c, f in zip(CLASSES, metrics.f1_per_class(y, score))})
-            found.update(val_nll=metrics.nll(y, score), val_brier=metrics.brier(y, score),
-                         val_ece=metrics.ece(y, score))
-        return found
+        return metrics.classification(prefix, y, score)
 
     def facts(self, found: dict, pretrained: dict | None, config: dict) -> dict:
         """A checkpoint's extra: the epoch's metrics and what a reader needs to use the model, as plain values."""
