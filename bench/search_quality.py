@@ -9,8 +9,8 @@ each, every model is fitted on the other folds and scored on the held-out one:
   search single    `ecgsearch search` (default space, --time-budget) then `promote --ensemble 1`: its best trial
   search ensemble  the same search, `promote --ensemble 5`: the greedy ensemble of its top trials
   search promoted  the same search, plain `promote`: whichever of the two promote chooses on validation
+  search forest    the same search's features + forest candidate alone (search/forest.py)
   plain inception  run_trial with one fixed recipe (InceptionTime, z-score, AdamW, cosine, augmentation)
-  plain + stats    the same recipe with lead_stats: each lead's raw statistics beside the pooled features
   features + RF    search/evaluate.py's per-lead signal features and random forest
   majority class   the training folds' class frequencies
 A search sees the outer-training rows only, split patient-grouped into train and val (or cross-validated inside
@@ -49,8 +49,8 @@ PLAIN = {"arch": "inception1d", "norm": "zscore", "lr": 1e-3, "weight_decay": 1e
          "schedule": "cosine", "schedule.warmup_epochs": 1, "patience": 5, "aug.noise.p": 0.5,
          "aug.noise.strength": 0.02, "aug.scale.p": 0.5, "aug.scale.strength": 0.1, "aug.shift.p": 0.5,
          "aug.shift.strength": 0.1}
-MODELS = ("search promoted", "search single", "search ensemble", "plain inception", "plain + stats",
-          "features + RF", "majority class")
+MODELS = ("search promoted", "search single", "search ensemble", "search forest", "plain inception", "features + RF",
+          "majority class")
 
 
 def prepare(cache: Path) -> Path:
@@ -105,16 +105,21 @@ def search_models(fold_dir: Path, work: Path, args: argparse.Namespace, test_x: 
             predicted[done.version] = np.asarray(pyfunc.predict(test_x), dtype=np.float64)
         found[model] = predicted[done.version]
         found[f"{model} kind"] = f"{done.kind} {','.join(done.members)}"
+    if result.forest:
+        from ecgmodels import load_checkpoint
+        from search.forest import PREFIX
+
+        path = mlflow.MlflowClient(store).download_artifacts(result.parent_run_id, f"{PREFIX}model.pt", str(work))
+        found["search forest"] = model_scores(load_checkpoint(path), test_x, np.arange(len(test_x)))
     return found
 
 
-def plain_model(data: Path, rows: dict, work: Path, args: argparse.Namespace, test_x: np.ndarray,
-                lead_stats: bool = False) -> np.ndarray:
+def plain_model(data: Path, rows: dict, work: Path, args: argparse.Namespace, test_x: np.ndarray) -> np.ndarray:
     """The fixed recipe trained on the fold's train rows, early-stopped and calibrated on its val rows."""
     from ecgmodels import load_checkpoint
     from search.trainable import run_trial
 
-    config = {**PLAIN, "lead_stats": lead_stats, "data": str(data), "task": "classification",
+    config = {**PLAIN, "data": str(data), "task": "classification",
               "max_epochs": args.plain_epochs, "seed": args.seed, "threads": args.threads,
               "rows": {s: rows[s].tolist() for s in ("train", "val")}}
     run_trial(config, report=lambda found, _: None, workdir=work)
@@ -196,18 +201,18 @@ def main(argv: list[str] | None = None) -> int:
             scores["plain inception"][at] = plain_model(fold_dir, rows, work / f"plain{k}", args, test_x)
             seconds["plain inception"] += time.monotonic() - t
             t = time.monotonic()
-            scores["plain + stats"][at] = plain_model(fold_dir, rows, work / f"stats{k}", args, test_x, True)
-            seconds["plain + stats"] += time.monotonic() - t
-            t = time.monotonic()
             fit = {"train": np.array([feature_of[r] for r in train]), "test": np.array([feature_of[r] for r in test])}
             scores["features + RF"][at] = classical_scores(fit, y_all[train], seed=args.seed, n_jobs=2)["test"]
             seconds["features + RF"] += time.monotonic() - t
             scores["majority class"][at] = majority_scores(y_all[train], len(test))
             t = time.monotonic()
             found = search_models(fold_dir, work / f"search{k}", args, test_x)
-            for m in ("search promoted", "search single", "search ensemble"):
-                scores[m][at] = found[m]
-                seconds[m] += time.monotonic() - t
+            for m in ("search promoted", "search single", "search ensemble", "search forest"):
+                if m not in found:  # no forest candidate (--cv K): no row
+                    scores.pop(m, None)
+                elif m in scores:
+                    scores[m][at] = found[m]
+                    seconds[m] += time.monotonic() - t
             notes.append(f"fold {k}: {found['trials']} trials {found['per_arch']}; promoted "
                          f"{found['search promoted kind']}, ensemble {found['search ensemble kind']}")
             done[at] = True

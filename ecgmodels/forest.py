@@ -107,7 +107,11 @@ class Forest(nn.Module):
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """(N, n_features) -> (N, n_outputs) float32: log of the trees' mean probabilities over the temperature."""
-        return (self.proba(features).clamp_min(_FLOOR).log() / self.temperature).float()
+        return self.temper(self.proba(features))
+
+    def temper(self, proba: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (of these trees, or some of them: out of bag) -> logits at this temperature."""
+        return (proba.clamp_min(_FLOOR).log() / self.temperature).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = torch.from_numpy(signal_features(x.detach().float().cpu().numpy(), self.config["rate"]))

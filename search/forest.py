@@ -1,10 +1,15 @@
 """The search's classical candidate: a random forest on per-lead signal features (`ecgmodels.Forest`), fitted by
-the driver after the trials on the same train rows, calibrated on the same val rows, and logged on the search's run
-under `forest/` (model.pt, val_predictions.npz; metrics `forest_val_*`). promote weighs it like a trial: it may be
-chosen alone or enter the greedy ensemble beside the nets (on a few hundred ECGs the two err differently).
+the driver after the trials and logged on the search's run under `forest/` (model.pt, val_predictions.npz; metrics
+`forest_val_*`). promote weighs it like a trial: it may be chosen alone or enter the greedy ensemble beside the nets
+(on a few hundred ECGs the two err differently).
 
-Fitted for single-label classification with a val split (`cv` 1); `SearchSpec(forest=False)` (`--no-forest`) skips
-it, and the study does, so that its arms compare nets alone.
+It is fitted on the train and val rows together, as a forest needs no early stopping and on small data every row
+counts: its val predictions (for its temperature, its metrics and promote's choice) are out of bag, each row scored
+by the trees whose bootstrap sample left it out, so no val score comes from a tree that saw the row. They cover the
+rows the trials' do: the val rows, or with `cv` K all the train and val rows (the trials' out-of-fold predictions).
+
+Fitted for single-label classification; `SearchSpec(forest=False)` (`--no-forest`) skips it, and the study does, so
+that its arms compare nets alone.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ TREES, LEAVES = 300, 512  # LEAVES caps each tree (and the checkpoint: ~70 bytes
 
 
 def applies(spec: Any) -> bool:
-    return spec.forest and spec.task == "classification" and spec.single_label and spec.cv == 1
+    return spec.forest and spec.task == "classification" and spec.single_label
 
 
 def fit_forest(spec: Any, workdir: Path) -> tuple[Path, dict]:
@@ -37,23 +42,27 @@ def fit_forest(spec: Any, workdir: Path) -> tuple[Path, dict]:
     ds = open_cached(str(spec.data))
     rows = task_rows({"task": "classification", "target": None, "single_label": True, "half": spec.half,
                       "rows": None}, ds)
-    y = {s: ds.labels["label"].to_numpy(np.int64)[r] for s, r in rows.items()}
-    feats = {s: signal_features(ds.signals[r], ds.rate) for s, r in rows.items()}  # rows are sorted
+    both = np.concatenate([rows["train"], rows["val"]])
+    y = ds.labels["label"].to_numpy(np.int64)[both]
     forest = RandomForestClassifier(TREES, min_samples_leaf=2, max_leaf_nodes=LEAVES, random_state=spec.seed,
-                                    class_weight="balanced_subsample",
+                                    class_weight="balanced_subsample", oob_score=True,
                                     n_jobs=max(1, int(spec.max_concurrent * spec.cpus_per_trial)))
-    model = Forest.from_sklearn(forest.fit(feats["train"], y["train"]), ds.signals.shape[1], ds.length, ds.rate,
-                                len(CLASSES))
+    forest.fit(signal_features(ds.signals[both], ds.rate), y)
+    model = Forest.from_sklearn(forest, ds.signals.shape[1], ds.length, ds.rate, len(CLASSES))
+    scored = slice(len(rows["train"]) if spec.cv == 1 else 0, None)  # the rows the trials' predictions cover
+    oob = np.zeros((len(both), len(CLASSES)))
+    oob[:, forest.classes_] = forest.oob_decision_function_
+    truth = y[scored]
     with torch.no_grad():
-        logits = model.logits(torch.from_numpy(feats["val"]))  # at temperature 1
-        set_temperature(model, fit_temperature(logits, torch.from_numpy(y["val"])))
+        logits = model.temper(torch.from_numpy(oob[scored]))  # at temperature 1
+        set_temperature(model, fit_temperature(logits, torch.from_numpy(truth)))
         score = torch.softmax(logits / model.temperature, 1).double().numpy()
-    found = {**metrics.classification("val", y["val"], score), "temperature": float(model.temperature)}
+    found = {**metrics.classification("val", truth, score), "temperature": float(model.temperature)}
     extra = {**found, "task": "classification", "target": None, "classes": list(CLASSES), "rate": ds.rate,
              "dataset_hash": ds.content_hash, "config": {"single_label": True}, "kind": "forest"}
     path = workdir / "model.pt"
     save_checkpoint(model, path, extra=extra)
-    np.savez(workdir / "val_predictions.npz", y_true=y["val"], y_score=score, rows=rows["val"])
+    np.savez(workdir / "val_predictions.npz", y_true=truth, y_score=score, rows=both[scored])
     return path, found
 
 

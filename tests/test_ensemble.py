@@ -185,8 +185,9 @@ def test_an_ensemble_registers_as_one_pyfunc_with_its_members_as_lineage(search,
 def test_the_forest_candidate_is_the_search_s_forest_calibrated_and_registers_beside_a_net(search, small_ptbxl,
                                                                                           tmp_path):
     """The forest logged on the search's run predicts exactly what scikit-learn's forest fitted on the search's
-    train rows does; its val predictions are those probabilities at a temperature that lowers their NLL; and an
-    ensemble of it and a net registers as one pyfunc that predicts their weighted mean."""
+    train and val rows does; its val predictions are out of bag (no val row scored by a tree that saw it), at a
+    temperature that lowers their NLL; and an ensemble of it and a net registers as one pyfunc that predicts their
+    weighted mean."""
     from sklearn.ensemble import RandomForestClassifier
 
     from ecgmodels import signal_features
@@ -201,19 +202,22 @@ def test_the_forest_candidate_is_the_search_s_forest_calibrated_and_registers_be
     y = {s: ds.labels["label"].to_numpy()[r] for s, r in rows.items()}
     feats = {s: signal_features(ds.signals[r], ds.rate) for s, r in rows.items()}
     reference = RandomForestClassifier(forest.TREES, min_samples_leaf=2, max_leaf_nodes=forest.LEAVES, random_state=0,
-                                       class_weight="balanced_subsample").fit(feats["train"], y["train"])
+                                       class_weight="balanced_subsample", oob_score=True).fit(
+        np.concatenate([feats["train"], feats["val"]]), np.concatenate([y["train"], y["val"]]))
     model = load_checkpoint(files["model.pt"])
-    want = np.zeros((len(rows["val"]), 5))
-    want[:, reference.classes_] = reference.predict_proba(feats["val"])
-    np.testing.assert_allclose(model.proba(torch.from_numpy(feats["val"])).numpy(), want, atol=1e-12)
+    in_bag, oob = np.zeros((len(rows["val"]), 5)), np.zeros((len(rows["val"]), 5))
+    in_bag[:, reference.classes_] = reference.predict_proba(feats["val"])
+    oob[:, reference.classes_] = reference.oob_decision_function_[len(rows["train"]):]
+    np.testing.assert_allclose(model.proba(torch.from_numpy(feats["val"])).numpy(), in_bag, atol=1e-12)
 
     npz = np.load(files["val_predictions.npz"])
     assert np.array_equal(npz["rows"], rows["val"]) and np.array_equal(npz["y_true"], y["val"])
     t = model.temperature.item()
-    tempered = np.clip(want, 1e-6, None) ** (1 / t)
+    tempered = np.clip(oob, 1e-6, None) ** (1 / t)
     np.testing.assert_allclose(npz["y_score"], tempered / tempered.sum(1, keepdims=True), atol=1e-6)
-    untempered = np.clip(want, 1e-6, None) / np.clip(want, 1e-6, None).sum(1, keepdims=True)
+    untempered = np.clip(oob, 1e-6, None) / np.clip(oob, 1e-6, None).sum(1, keepdims=True)
     assert metrics.nll(y["val"], npz["y_score"]) <= metrics.nll(y["val"], untempered) + 1e-9
+    assert metrics.nll(y["val"], untempered) > metrics.nll(y["val"], in_bag) + 0.05  # the trees that saw a row flatter
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -224,6 +228,22 @@ def test_the_forest_candidate_is_the_search_s_forest_calibrated_and_registers_be
     x = np.asarray(ds.signals[:16], dtype=np.float32)
     tags = check_registered_mean(uri, "ecg-wide", done.version, trials, x)
     assert tags["trial_number"].startswith("forest,") and tags["member_run_ids"].startswith(parent.info.run_id)
+
+
+def test_with_cv_the_forest_scores_every_train_and_val_row_out_of_bag(small_ptbxl, tmp_path):
+    """A cross-validated search's trials predict all its train and val rows out of fold; the forest's predictions
+    cover the same rows, each from the trees that did not see it (so they sit far below the in-bag fit's)."""
+    from search.forest import fit_forest
+
+    path, found = fit_forest(SearchSpec(str(small_ptbxl), "classification", cv=3), tmp_path)
+    ds = open_dataset(small_ptbxl)
+    both = np.union1d(ds.select("train", None, True), ds.select("val", None, True))
+    npz = np.load(tmp_path / "val_predictions.npz")
+    assert np.array_equal(np.sort(npz["rows"]), both)
+    assert np.array_equal(npz["y_true"], ds.labels["label"].to_numpy()[npz["rows"]])
+    in_bag = load_checkpoint(path).eval()(torch.from_numpy(np.asarray(ds.signals[npz["rows"]])))
+    assert metrics.nll(npz["y_true"], npz["y_score"]) > metrics.nll(npz["y_true"], torch.softmax(in_bag, 1).numpy())
+    assert found["val_auc"] == pytest.approx(metrics.macro_auc(npz["y_true"], npz["y_score"]))
 
 
 def test_promote_ensemble_registers_the_greedy_choice(search, small_ptbxl, capsys):
