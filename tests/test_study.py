@@ -70,6 +70,8 @@ def test_tables_have_every_approach_and_source_with_patient_intervals_and_holm(s
                              "labels.parquet")
     cohort = labels[(labels["half"] == "B") & (labels["label"] >= 0)]
     assert (table["oof_n"] == len(cohort)).all()  # every single-label half-B record, out of fold
+    majority = table[table["approach"] == "majority"].iloc[0]
+    assert majority["oof_auc"] == pytest.approx(0.5)  # no skill is 0.5, not below it (per-fold priors, pooled)
     for metric in ("acc", "auc"):
         assert (table[f"oof_{metric}_low"] <= table[f"oof_{metric}"] + 1e-12).all()
         assert (table[f"oof_{metric}"] <= table[f"oof_{metric}_high"] + 1e-12).all()
