@@ -4,9 +4,9 @@
 single-label) is dealt into K patient-grouped, class-stratified folds; for each approach, seed and fold k, the
 approach's chosen configuration (its search's best trial, same epochs budget and patience) is retrained on the
 folds other than k and k+1, early-stopped on fold k+1, and predicts fold k. Every record is so scored once per seed
-by a model that neither trained nor early-stopped on it; the reference models are refitted per fold on the other
-folds. Each retraining is saved as it finishes (workdir/evaluation/units/, keyed), so a rerun or a resumed study
-trains only what is missing. `folds: 1` scores the registered models on the test split (train/val/test tables).
+by a model that neither trained nor early-stopped on it; the random forest reference is refitted per fold on the
+other folds, the majority class is one constant. Each retraining is saved as it finishes (workdir/evaluation/
+units/, keyed), so a rerun or a resumed study trains only what is missing. `folds: 1` scores the registered models on the test split (train/val/test tables).
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from search.study.config import FINETUNE_HALF, TAG, Search, _key, evaluation_key
 from search.study.run import runs_model
 
 REPORT_FILES = ("results.csv", "per_class_auc.csv", "tables.md", "differences.png")
+# settings the report compares between arms (with every aug.*)
 TRAINING_KEYS = ("norm", "lead_stats", "batch_size", "max_epochs", "patience", "schedule", "lr", "weight_decay",
-                 "freeze_depth", "pretrained_lr_mult", "arch")  # settings the report compares between arms (with every aug.*)
+                 "freeze_depth", "pretrained_lr_mult", "arch")
 
 
 def label(s: Search, cfg: dict) -> tuple[str, str]:

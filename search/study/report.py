@@ -109,8 +109,8 @@ def _touched(facts: dict) -> list[str]:
                   f"patient-grouped, stratified folds (sizes {', '.join(map(str, facts['fold_sizes']))}). Each "
                   "approach's chosen configuration was retrained per fold and seed on the other folds but one, "
                   "early-stopped on that one, and scored the held-out fold: every record is scored once per seed "
-                  "by a model that neither trained nor early-stopped on it. The majority class and the random "
-                  "forest were refitted per fold on the other folds.",
+                  "by a model that neither trained nor early-stopped on it. The random forest was refitted "
+                  "per fold on the other folds; the majority class is one constant, the cohort's class frequencies.",
                   "- Caveat: the configurations were chosen on the train/val records, which stage 3 also scores. "
                   f"On the {facts['test_split_n']} test-split records alone (seen by nothing upstream) the macro "
                   "AUCs are " + ", ".join(f"{_name(*k)} {v:.3f}" for k, v in facts["test_split_auc"].items()) + "."]
