@@ -267,12 +267,12 @@ class TrialRuns(Callback):
         self._end(trial.config.get("trial_number"), "pruned" if pruned else "finished", trial,
                   "scheduler" if pruned else "trainer")
 
-    def stop_by_budget(self, number: int) -> None:
-        """End the child run of a trial that was still running when the search's time budget ran out."""
-        record = self.trials.get(number)
-        if record is None or record["status"] != "running":
-            return
-        self._end(number, "budget", stopped_by="time_budget")
+    def stop_by_budget(self) -> None:
+        """End every child run still open when the search's time budget ran out: Tune tells no callback of the
+        trials it stops then, nor of one whose actor fails as it is stopped."""
+        for number, record in self.trials.items():
+            if record["status"] == "running":
+                self._end(number, "budget", stopped_by="time_budget")
         self.client.flush()  # after the Tuner's end: the search's summary follows at once
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -245,8 +245,8 @@ def _fit(tuner: Any, runs: tracking.TrialRuns, result: SearchResult, client: Any
             raise SearchInterrupted(f"search {result.name} interrupted with {len(unfinished)} trials unfinished; "
                                     f"finish it with: ecgsearch resume {result.name} --tracking-uri "
                                     f"{mask_uri(result.tracking_uri)}")
-        for number in list(runs.trials) if budget_over else []:  # every run still open: Tune tells no callback of
-            runs.stop_by_budget(number)  # the trials it stops at the budget, nor of one whose actor then fails
+        if budget_over:
+            runs.stop_by_budget()
         result.table = table = trials_table(results, runs, metric)
         if len(table) and (table["status"] == "failed").all():
             reasons = table["failure_reason"].value_counts()

@@ -154,7 +154,7 @@ def test_a_search_that_reaches_its_time_budget_has_finished(local_ray, small_ptb
                                 "attributes.run_name = 'budgeted'")[0]
     assert parent.info.status == "FINISHED"
     kids = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    ended = {k.data.tags["trial_number"]: (k.info.status, k.data.tags.get("stopped_by"), k.data.tags.get("failure_reason"))
-             for k in kids}
+    ended = {k.data.tags["trial_number"]: (k.info.status, k.data.tags.get("stopped_by"),
+                                           k.data.tags.get("failure_reason")) for k in kids}
     assert all(status == "FINISHED" for status, _, _ in ended.values()), ended  # none RUNNING (loaded: none may start)
     assert not kids or any(k.data.tags.get("stopped_by") == "time_budget" for k in kids)

@@ -6,7 +6,8 @@ approach's chosen configuration (its search's best trial, same epochs budget and
 folds other than k and k+1, early-stopped on fold k+1, and predicts fold k. Every record is so scored once per seed
 by a model that neither trained nor early-stopped on it; the random forest reference is refitted per fold on the
 other folds, the majority class is one constant. Each retraining is saved as it finishes (workdir/evaluation/
-units/, keyed), so a rerun or a resumed study trains only what is missing. `folds: 1` scores the registered models on the test split (train/val/test tables).
+units/, keyed), so a rerun or a resumed study trains only what is missing. `folds: 1` scores the registered models
+on the test split (train/val/test tables).
 """
 from __future__ import annotations
 
