@@ -7,8 +7,9 @@ selects and scores a model.
 The sample's single-label records at 100 Hz are dealt into K outer folds, patient-grouped and class-stratified. On
 each, every model is fitted on the other folds and scored on the held-out one:
   search single    `ecgsearch search` (default space, --time-budget) then `promote --ensemble 1`: its best trial
-  search ensemble  the same search, `promote --ensemble 5`: the greedy ensemble of its top trials
-  search promoted  the same search, plain `promote`: whichever of the two promote chooses on validation
+  search ensemble  the same search, `promote --ensemble 5`: the greedy ensemble of its top 5 trials (and forest)
+  search promoted  the same search, plain `promote`: the single best or the ensemble of its top 10, as promote
+                   chooses on validation (beside the row above: what the wider library gives)
   search forest    the same search's features + forest candidate alone (search/forest.py)
   plain inception  run_trial with one fixed recipe (InceptionTime, z-score, AdamW, cosine, augmentation)
   features + RF    search/evaluate.py's per-lead signal features and random forest
@@ -95,7 +96,7 @@ def search_models(fold_dir: Path, work: Path, args: argparse.Namespace, test_x: 
     store = f"sqlite:///{work / 'mlflow.db'}"
     spec = SearchSpec(str(fold_dir), "classification", num_samples=args.num_samples, max_epochs=args.max_epochs,
                       time_budget_s=args.budget_s, tracking_uri=store, storage_path=str(work / "ray"),
-                      name=fold_dir.name, seed=args.seed, cv=args.cv, top_k=5, experiment="search-quality")
+                      name=fold_dir.name, seed=args.seed, cv=args.cv, experiment="search-quality")
     result = run_search(spec)
     found = {"trials": len(result.table), "per_arch": result.table["arch"].value_counts().to_dict()}
     predicted = {}  # version -> held-out probabilities: promoting the same trials again registers nothing new

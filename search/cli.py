@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ASHA keeps 1 in this many trials at each rung (grace x factor^k epochs)")
     search.add_argument("--cv", type=int, default=1, metavar="K",
                         help="score each trial by K patient-grouped folds of the train+val rows (small data)")
-    search.add_argument("--top-k", type=int, default=5,
+    search.add_argument("--top-k", type=int, default=10,
                         help="trials whose checkpoint and plots are logged (promote's ensemble candidates)")
     search.add_argument("--warm-start", nargs="*", default=[], metavar="SEARCH",
                         help="start from the finished trials of these earlier searches (names or run ids)")
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--ensemble", type=int, default=None, metavar="K",
                          help="register the greedy ensemble of up to K top trials (those with a logged model: "
                               "the search's --top-k); 1: the single best; default: whichever of the single best and "
-                              "the ensemble of 5 wins a split-half check on the val rows")
+                              "the ensemble of 10 wins a split-half check on the val rows")
     promote.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///mlflow.db here)")
     promote.set_defaults(func=_promote)
 

@@ -4,7 +4,7 @@
     low, high = run_fidelity(spec, "prepared/ptbxl-500")   # spec.data: the 100 Hz dataset of the same records
 
 The 100 Hz search runs under ASHA as usual; the configurations that reached its top rung (not stopped by the
-scheduler), best first, up to `spec.top_k` x 2, are enqueued (`study.enqueue_trial`, in order) into a 500 Hz search
+scheduler), best first, up to `spec.top_k`, are enqueued (`study.enqueue_trial`, in order) into a 500 Hz search
 on the same records, which trains each of them to `max_epochs` and chooses the champion at 500 Hz. The two datasets
 must hold the same records in the same halves and splits (`pair`). Lineage: every 500 Hz child run is tagged
 `fidelity.from_run` / `fidelity.from_trial` (the 100 Hz trial it came from) and the 500 Hz search run
@@ -97,7 +97,7 @@ def run_fidelity(spec: Any, high: str | Path, low_tags: dict[str, str] | None = 
     base = spec.replace(fidelity=None)
     low = run_search(base if low_tags is None else base.replace(tags=low_tags))
     inputs = base.replace(name=low.name).validate()
-    picks = top_rung(inputs.client, low.parent_run_id, inputs.space, low.metric, low.mode, max(1, 2 * spec.top_k))
+    picks = top_rung(inputs.client, low.parent_run_id, inputs.space, low.metric, low.mode, max(1, spec.top_k))
     if not picks:
         raise InputError(f"--fidelity rate: no trial of {low.name} reached the top rung; nothing to retrain at "
                          f"{HIGH} Hz")

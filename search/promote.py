@@ -34,7 +34,7 @@ from search import ensemble, forest, metrics, pyfunc_model, tracking
 from search.pyfunc_model import predict
 
 ALIAS = "champion"
-DEFAULT_ENSEMBLE = 5  # top trials promote weighs an ensemble of against the single best, without --ensemble
+DEFAULT_ENSEMBLE = 10  # top trials promote weighs an ensemble of against the single best, without --ensemble
 ENSEMBLE_METRICS = {"val_auc": metrics.macro_auc, "val_acc": metrics.accuracy, "val_mae": metrics.mae,
                     "val_nll": metrics.nll, "val_brier": metrics.brier, "val_ece": metrics.ece}
 

@@ -73,7 +73,7 @@ class SearchSpec:
     grace_period: int | None = None
     reduction_factor: int = 2
     max_failures: int = 0
-    top_k: int = 5
+    top_k: int = 10  # Caruana's selection gains from a wider library than the best five
     fault: dict | None = None
     experiment: str = DEFAULT_EXPERIMENT
     single_label: bool = True

@@ -24,7 +24,7 @@ def search(local_ray, small_ptbxl: Path, tmp_path_factory: pytest.TempPathFactor
     HANDLERS["before"] = signal.getsignal(signal.SIGINT)
     result = run_search(SearchSpec(small_ptbxl, "classification", num_samples=8, max_epochs=4, space_overrides=TINY,
                                    tracking_uri=uri, storage_path=tmp / "ray", name="tiny", seed=1, grace_period=1,
-                                   optuna_storage=f"sqlite:///{tmp / 'optuna.db'}",
+                                   top_k=5, optuna_storage=f"sqlite:///{tmp / 'optuna.db'}",
                                    fault={"trials": [1], "epoch": 1, "kind": "raise"}))
     HANDLERS["after"] = signal.getsignal(signal.SIGINT)
     return result, uri
@@ -91,7 +91,7 @@ def test_artifacts_on_the_top_trials_and_the_search(search: tuple[SearchResult, 
     client = MlflowClient(uri)
     best = result.best
     assert best is not None and best["best_val_auc"] == result.table["best_val_auc"].max()
-    top = set(result.table.sort_values("best_val_auc", ascending=False)["run_id"][:5])  # top_k 5 by default
+    top = set(result.table.sort_values("best_val_auc", ascending=False)["run_id"][:5])  # the fixture's top_k
     for run in children(uri, result):
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         if run.info.run_id in top:
