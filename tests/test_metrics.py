@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, roc_auc_score
 
-from search.metrics import (accuracy, auc_classes, binary_auc, brier, ece, f1_per_class, macro_auc, mae, nll,
-                            per_class_auc)
+from search.metrics import (accuracy, auc_classes, binary_auc, brier, ece, ece_if_calibrated, f1_per_class, macro_auc,
+                            mae, nll, per_class_auc)
 
 
 @pytest.fixture
@@ -80,3 +80,17 @@ def test_ece_is_zero_for_calibrated_confidence_and_the_gap_for_overconfidence() 
     assert ece(np.where(rng.random(n) < conf - 0.1, 0, 1), s) == pytest.approx(0.1, abs=0.005)  # 10 points overconfident
     one = np.array([[0.95, 0.05, 0, 0, 0], [0.6, 0.4, 0, 0, 0]])
     assert ece(np.array([0, 1]), one, bins=15) == pytest.approx((abs(1 - 0.95) + abs(0 - 0.6)) / 2)
+
+
+def test_a_calibrated_model_s_ece_on_400_rows_is_far_from_zero_and_inside_its_consistency_range() -> None:
+    rng = np.random.default_rng(2)
+    n = 400
+    s = rng.dirichlet(np.full(5, 0.7), n)  # varied confidence, as a 5-class model's
+    null = ece_if_calibrated(s, draws=300, seed=3)
+    assert 0.03 < np.median(null) < 0.09  # binned ECE of a perfectly calibrated model, biased upwards at this n
+    low, high = np.quantile(null, [0.05, 0.95])
+    inside = [low <= ece((rng.random((n, 1)) > s.cumsum(1)).sum(1).clip(max=4), s) <= high for _ in range(40)]
+    assert 0.75 <= np.mean(inside) <= 1.0  # labels drawn from s: inside the 90% range about 90% of the time
+    sharp = s ** 2 / (s ** 2).sum(1, keepdims=True)  # the same ranking, overconfident
+    worst = ece((rng.random((n, 1)) > s.cumsum(1)).sum(1).clip(max=4), sharp)
+    assert worst > np.quantile(ece_if_calibrated(sharp, draws=300, seed=3), 0.95)
