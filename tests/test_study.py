@@ -190,6 +190,21 @@ def test_changed_config_reruns_only_what_it_changes(study):
             assert warm_starts(client, experiment, s, {}) == (previous[s.name],)
 
 
+def test_a_stage_s_cv_reaches_its_searches_and_reruns_only_them(study):
+    tmp, config, uri, _, _, _ = study
+    from search.study.config import searches
+
+    path = write_config(tmp, "cv.yaml", finetune={"cv": 3})
+    cv = load_config(path)
+    before = {s.name: s.key for s in searches(load_config(config))}
+    for s in searches(cv):
+        tuned = s.stage == "finetune"
+        assert (s.spec(cv, uri).cv, s.key != before[s.name]) == ((3, True) if tuned else (1, False)), s.name
+    for line in plan(path, uri).splitlines():
+        if line.strip().startswith("finetune-"):
+            assert "to run" in line, line
+
+
 def test_cli_plan_runs_nothing(study, capsys):
     tmp, config, uri, _, _, _ = study
     assert main(["study", "--config", str(config), "--plan", "--tracking-uri", uri]) == 0
@@ -203,6 +218,7 @@ def test_cli_plan_runs_nothing(study, capsys):
     ({"data": {"ptbxl": {"root": "ROOT", "rate": 100}}}, "source deepfake is used but data.deepfake is missing"),
     ({"pretrain": {"targets": ["hr"]}}, "finetune approach single on source ptbxl-a needs pretrained ecg-qrs-ptbxl-a"),
     ({"pretrain": {"num_samples": 0}}, "pretrain.num_samples must be a positive integer"),
+    ({"finetune": {"cv": 0}}, "finetune.cv must be a positive integer"),
     ({"finetune": {"space": {"lr": {"low": 0.1, "high": 0.01}}}}, "inverted range"),
     ({"evaluate": {"n_boot": 10, "bootstrap": 3}}, "evaluate.bootstrap: unknown setting"),
     ({"evaluate": {"folds": 2}}, "evaluate.folds 2: cross-fitting needs at least 3 folds"),

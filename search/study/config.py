@@ -23,11 +23,11 @@ DEFAULTS: dict[str, Any] = {
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 2},
     "data": {"ptbxl": None, "deepfake": None},
     "architectures": {"archs": [], "tasks": [*TARGETS, "classification"], "num_samples": 1, "max_epochs": 2,
-                      "space": {}},
-    "pretrain": {"targets": list(TARGETS), "sources": list(SOURCES), "num_samples": 8, "max_epochs": 10,
+                      "cv": 1, "space": {}},
+    "pretrain": {"targets": list(TARGETS), "sources": list(SOURCES), "num_samples": 8, "max_epochs": 10, "cv": 1,
                  "space": {}},
     "finetune": {"approaches": list(APPROACHES), "sources": list(SOURCES), "single_target": "qrs", "num_samples": 8,
-                 "max_epochs": 10, "space": {}},
+                 "max_epochs": 10, "cv": 1, "space": {}},
     "evaluate": {"n_boot": 1000, "trees": 500, "folds": 1, "seeds": [0]},
 }
 DATA_KEYS = {"ptbxl": {"root", "rate", "features", "split", "min_likelihood"},
@@ -50,6 +50,7 @@ class Search:
     space: dict = field(default_factory=dict)
     num_samples: int = 1
     max_epochs: int = 1
+    cv: int = 1  # the stage's `cv`: each trial scored over K folds of the half's train+val rows (SearchSpec.cv)
     register_as: str | None = None
     key: str = ""
 
@@ -69,7 +70,7 @@ class Search:
         return SearchSpec(
             data_dir(cfg, self.dataset, LOW_RATE if cfg["fidelity"] else None), self.task, fidelity=cfg["fidelity"],
             target=self.target, approach=self.approach, pretrained=pretrained,
-            half=self.half, num_samples=self.num_samples, max_epochs=self.max_epochs,
+            half=self.half, num_samples=self.num_samples, max_epochs=self.max_epochs, cv=self.cv,
             space_overrides={"lead_stats": False, **self.space},  # transfer arms have no lead statistics
             tracking_uri=uri, name=f"{self.name}-{self.key}", storage_path=Path(cfg["workdir"]) / "ray_results",
             seed=cfg["seed"], max_concurrent=res["max_concurrent"], cpus_per_trial=res["cpus_per_trial"],
@@ -117,8 +118,8 @@ def load_config(path: str | Path, registered: Callable[[str], bool] | None = Non
     cfg = _merge(DEFAULTS, read_yaml(path, "study config"), path.name)
     where = f"{path.name}:"
     for section in ("architectures", "pretrain", "finetune"):
-        for k in ("num_samples", "max_epochs"):
-            if not isinstance(cfg[section][k], int) or cfg[section][k] < 1:
+        for k in ("num_samples", "max_epochs", "cv"):
+            if not isinstance(cfg[section][k], int) or isinstance(cfg[section][k], bool) or cfg[section][k] < 1:
                 raise InputError(f"{where} {section}.{k} must be a positive integer, got {cfg[section][k]!r}")
         try:
             SearchSpace(load_space_config(None, cfg[section]["space"] or {}), "baseline", {})
@@ -253,13 +254,13 @@ def searches(cfg: dict) -> list[Search]:
             out.append(Search("architectures", f"arch-{a}-{task}", "ptbxl", "A",
                               "regression" if regression else "classification", task if regression else None,
                               space={**(arch["space"] or {}), "arch": a}, num_samples=arch["num_samples"],
-                              max_epochs=arch["max_epochs"]))
+                              max_epochs=arch["max_epochs"], cv=arch["cv"]))
     for source in pre["sources"]:
         dataset, half = SOURCES[source]
         for t in pre["targets"]:
             out.append(Search("pretrain", f"pretrain-{t}-{source}", dataset, half, "regression", t, source=source,
                               space=pre["space"] or {}, num_samples=pre["num_samples"],
-                              max_epochs=pre["max_epochs"], register_as=model_name(cfg, t, source)))
+                              max_epochs=pre["max_epochs"], cv=pre["cv"], register_as=model_name(cfg, t, source)))
     for approach in fine["approaches"]:
         for source in (["-"] if approach == "baseline" else fine["sources"]):
             wanted = {"baseline": [], "single": [fine["single_target"]], "fused": list(TARGETS)}[approach]
@@ -267,12 +268,13 @@ def searches(cfg: dict) -> list[Search]:
             out.append(Search("finetune", f"finetune-{label}", "ptbxl", FINETUNE_HALF, "classification",
                               approach=approach, source=source,
                               pretrained={t: f"pretrain-{t}-{source}" for t in wanted}, space=fine["space"] or {},
-                              num_samples=fine["num_samples"], max_epochs=fine["max_epochs"],
+                              num_samples=fine["num_samples"], max_epochs=fine["max_epochs"], cv=fine["cv"],
                               register_as=f"{cfg['model_prefix']}ecg-cls-{label}"))
     keys: dict[str, str] = {}
     for s in out:
         upstream = {t: keys.get(n, model_name(cfg, t, s.source)) for t, n in s.pretrained.items()}
-        s.key = keys[s.name] = _key({**asdict(s), "key": "", "pretrained": upstream, "seed": cfg["seed"],
+        fields = {k: v for k, v in asdict(s).items() if (k, v) != ("cv", 1)}  # a study from before `cv` resumes
+        s.key = keys[s.name] = _key({**fields, "key": "", "pretrained": upstream, "seed": cfg["seed"],
                                      "single_label": cfg["single_label"], "data": cfg["data"][s.dataset],
                                      **({"fidelity": cfg["fidelity"]} if cfg["fidelity"] else {})})
     return out
