@@ -287,3 +287,5 @@ def test_registered_model_applies_the_fitted_temperature(search, small_ptbxl):
     nll, nll_plain = metrics.nll(y, got), metrics.nll(y, plain)
     ece, ece_plain = metrics.ece(y, got), metrics.ece(y, plain)
     assert nll <= nll_plain + 1e-6, f"T={t:.3f}: NLL {nll:.4f} vs {nll_plain:.4f} at T=1 (ECE {ece:.3f} vs {ece_plain:.3f})"
+    worst = np.quantile(metrics.ece_if_calibrated(got, draws=500), 0.99)  # calibrated, as far as these rows can tell
+    assert ece <= worst, f"ECE {ece:.3f} on {len(y)} val rows; a calibrated model's stays under {worst:.3f}"
