@@ -1,7 +1,7 @@
 """Search quality out of sample: nested cross-validation on the embedded PTB-XL sample, so that no record both
 selects and scores a model.
 
-    python bench/search_quality.py                      # the README's table (5 outer folds, 150 s per search)
+    python bench/search_quality.py --out DIR            # the README's table (5 outer folds, 300 s per search)
     python bench/search_quality.py --folds 3 --budget-s 20 --plain-epochs 1   # a smoke run
 
 The sample's single-label records at 100 Hz are dealt into K outer folds, patient-grouped and class-stratified. On
@@ -156,7 +156,7 @@ def write(args: argparse.Namespace, y: np.ndarray, rows: np.ndarray, done: np.nd
     table = summary(y[done], {m: s[done] for m, s in scores.items()}, seconds, args.n_boot)
     text = (f"{len(notes)} of {args.folds} outer folds, {int(done.sum())} of {len(y)} single-label records "
             f"({', '.join(f'{c} {int((y == i).sum())}' for i, c in enumerate(CLASSES))}); search budget "
-            f"{args.budget_s:g} s per fold, cv {args.cv}; wall {wall / 60:.1f} min\n\n"
+            f"{args.budget_s:g} s per fold, cv {args.cv or 'default'}; wall {wall / 60:.1f} min\n\n"
             + markdown(table) + "\n\n" + "\n".join(notes))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -169,10 +169,11 @@ def write(args: argparse.Namespace, y: np.ndarray, rows: np.ndarray, done: np.nd
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folds", type=int, default=5, help="outer folds (default 5)")
-    p.add_argument("--budget-s", type=float, default=150, help="wall budget of each outer fold's search (s)")
+    p.add_argument("--budget-s", type=float, default=300, help="wall budget of each outer fold's search (s)")
     p.add_argument("--num-samples", type=int, default=200, help="trial cap per search (the budget usually ends it)")
     p.add_argument("--max-epochs", type=int, default=20, help="epochs cap per trial")
-    p.add_argument("--cv", type=int, default=1, help="the search's inner cross-validation folds (1 = a val split)")
+    p.add_argument("--cv", type=int, default=None,
+                   help="the search's inner cross-validation folds (1 = a val split; default: the CLI's, 3 here)")
     p.add_argument("--plain-epochs", type=int, default=8, help="epochs of the plain recipe")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the plain recipe")
     p.add_argument("--seed", type=int, default=0)

@@ -76,7 +76,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(describe(prepare_deepfake(workdir / "deepfake-300", count=300, seed=0, rate=100)))
     result = run_search(SearchSpec(ptbxl, "classification", num_samples=args.num_samples, max_epochs=args.max_epochs,
                                    config=REPO_ROOT / "configs" / "demo.yaml", max_concurrent=2, cpus_per_trial=1,
-                                   tracking_uri=args.tracking_uri, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}"))
+                                   cv=None, tracking_uri=args.tracking_uri,
+                                   name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}"))
     print(promote(result.parent_run_id, "ecgsearch-demo", metric="val_auc", tracking_uri=result.tracking_uri).message)
     print(result.summary())
     return 0
@@ -289,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ASHA judges a trial first after this many epochs (default 3, at most --max-epochs)")
     search.add_argument("--reduction-factor", type=int, default=2,
                         help="ASHA keeps 1 in this many trials at each rung (grace x factor^k epochs)")
-    search.add_argument("--cv", type=int, default=1, metavar="K",
-                        help="score each trial by K patient-grouped folds of the train+val rows (small data)")
+    search.add_argument("--cv", type=int, default=None, metavar="K",
+                        help="score each trial by K patient-grouped folds of the train+val rows (default: 3 when "
+                             "the data holds fewer than 2000 ECGs, else 1: a val split)")
     search.add_argument("--top-k", type=int, default=10,
                         help="trials whose checkpoint and plots are logged (promote's ensemble candidates)")
     search.add_argument("--warm-start", nargs="*", default=[], metavar="SEARCH",

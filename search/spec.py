@@ -31,6 +31,7 @@ from search.trainable import search_metric
 SAMPLERS = ("tpe", "random")
 FIDELITIES = ("rate",)
 GRACE_EPOCHS = 3  # ASHA's default grace period: no architecture is judged on its first epoch alone
+SMALL_DATA = 2000  # below this many ECGs in the half, cv None means 3 folds: a val split holds too few
 STARTUP_PER_ARCH = 4  # TPE's random startup trials per architecture choice, before it narrows
 
 
@@ -41,9 +42,10 @@ class SearchSpec:
     (configs/search.yaml); `sampler` tpe or random, `n_startup_trials` TPE's random trials first (default
     STARTUP_PER_ARCH per architecture choice, at least 10); `asha` False runs every trial to `max_epochs` (FIFO),
     else ASHA stops weak trials at rungs `grace_period` x `reduction_factor`^k epochs; `cv` K > 1 scores each trial
-    as the mean over K patient-grouped folds of the half's train+val rows; `top_k` trials get their checkpoint and
-    plots logged; `fault` is the trial contract's fault injection (tests); `parent_run_id` nests the search's run
-    under another (a study's), `tags` go on it; `optuna_storage` a database URI for the Optuna study (run_search
+    as the mean over K patient-grouped folds of the half's train+val rows (None, the CLI's default: 3 below
+    SMALL_DATA ECGs, else 1); `top_k` trials get their checkpoint and plots logged; `fault` is the trial
+    contract's fault injection (tests); `parent_run_id` nests the search's run under another (a study's), `tags` go
+    on it; `optuna_storage` a database URI for the Optuna study (run_search
     defaults it to a sqlite file beside the Ray state); `warm_start` names earlier searches whose finished trials
     seed this one; `fidelity` "rate" judges configurations at 100 Hz first and retrains the best at 500 Hz;
     `forest` fits the features + random-forest candidate after the trials (search/forest.py)."""
@@ -80,7 +82,7 @@ class SearchSpec:
     parent_run_id: str | None = None
     tags: dict[str, str] | None = None
     optuna_storage: str | None = None
-    cv: int = 1
+    cv: int | None = 1
     warm_start: tuple[str, ...] = ()
     fidelity: str | None = None
     forest: bool = True
@@ -140,7 +142,7 @@ class SearchSpec:
         if self.sampler not in SAMPLERS:
             raise InputError(f"--sampler {self.sampler!r}: choose {' or '.join(SAMPLERS)}")
         for name, least in (("num_samples", 1), ("max_epochs", 1), ("reduction_factor", 2), ("cv", 1)):
-            value = getattr(self, name)
+            value = getattr(self, name) if (name, getattr(self, name)) != ("cv", None) else least
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise InputError(f"--{name.replace('_', '-')} {value!r}: must be a whole number of at least {least}")
         if self.grace_period is not None and not 1 <= self.grace_period:
@@ -189,8 +191,10 @@ class SearchSpec:
         spec = self.space_spec()
         client, uri = open_store(self.tracking_uri)
         models, lineage = load_pretrained(self.pretrained, ds.length, ds.signals.shape[1], uri)
-        space = SearchSpace(spec, self.approach, self.trial_constants(), models)
-        return Inputs(ds, spec, space, models, lineage, client, uri)
+        # cv None: 3 folds on small data (a val split of a few dozen ECGs selects mostly by noise), else a val split
+        cv = self.cv or (3 if len(ds.select(half=self.half)) < SMALL_DATA else 1)
+        space = SearchSpace(spec, self.approach, self.replace(cv=cv).trial_constants(), models)
+        return Inputs(ds, spec, space, models, lineage, client, uri, cv)
 
     def to_params(self) -> dict[str, Any]:
         """The spec as MLflow params (credentials masked); `from_params` reads them back."""
@@ -227,6 +231,7 @@ class Inputs(NamedTuple):
     lineage: dict[str, str]
     client: Any
     uri: str
+    cv: int  # the spec's, or what its None means for this dataset
 
 
 def checkpoint_path(uri: str, tracking_uri: str | None = None) -> Path:

@@ -119,7 +119,7 @@ def run_search(spec: SearchSpec) -> SearchResult:
     name = spec.name or f"{spec.approach}-{spec.target or spec.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(spec.storage_path or Path.cwd() / "ray_results").resolve()
     own_study = not spec.optuna_storage  # the study file beside the Ray state, recorded as the param optuna_storage
-    spec = spec.replace(data=str(Path(spec.data).resolve()), name=name, storage_path=str(storage),
+    spec = spec.replace(data=str(Path(spec.data).resolve()), name=name, storage_path=str(storage), cv=inputs.cv,
                         optuna_storage=spec.optuna_storage or study_file_uri(storage, name))
     metric, mode = spec.metric
     study_storage = open_optuna_storage(spec.optuna_storage)

@@ -68,7 +68,7 @@ def test_interrupted_then_killed_search_resumes_without_losing_or_repeating_tria
     # Ctrl-C (SIGINT to the driver only) after 2 trials ended: a clean stop, the parent run KILLED + interrupted
     search, out = start(["search", "--data", str(small_ptbxl), "--task", "classification", "--num-samples",
                          str(TRIALS), "--max-epochs", "3", "--config", str(space), "--tracking-uri", uri,
-                         "--storage-path", str(tmp_path / "ray"), "--name", "tiny", "--seed", "1"]), []
+                         "--storage-path", str(tmp_path / "ray"), "--name", "tiny", "--seed", "1", "--cv", "1"]), []
     wait_for_ended(search, 2, out)
     search.send_signal(signal.SIGINT)
     out += search.stdout.readlines()

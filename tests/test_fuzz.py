@@ -623,6 +623,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str, tuple[str, ...]]]
     "search fused with one model": (search_case("--approach", "fused", "--pretrained", "hr=/nowhere.pt"), "error",
                                     ("--pretrained",)),
     "search seed text": (search_case("--seed", "x"), "error", ("--seed",)),
+    "search cv 0": (search_case("--cv", "0"), "error", ("--cv 0",)),
     "space garbage": (search_case(space=GARBAGE), "error", ("search space",)),
     "space tabs": (search_case(space="lr:\n\t- 0.1\n"), "error", ("search space",)),
     "space python object": (search_case(space="lr: !!python/object/apply:os.system ['touch pwned']\n"), "error",

@@ -153,8 +153,20 @@ def test_a_search_that_reaches_its_time_budget_has_finished(local_ray, small_ptb
     parent = client.search_runs([client.get_experiment_by_name("ecgsearch").experiment_id],
                                 "attributes.run_name = 'budgeted'")[0]
     assert parent.info.status == "FINISHED"
+    assert parent.data.params["cv"] == "3"  # the CLI's default on fewer than SMALL_DATA ECGs
     kids = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     ended = {k.data.tags["trial_number"]: (k.info.status, k.data.tags.get("stopped_by"),
                                            k.data.tags.get("failure_reason")) for k in kids}
     assert all(status == "FINISHED" for status, _, _ in ended.values()), ended  # none RUNNING (loaded: none may start)
     assert not kids or any(k.data.tags.get("stopped_by") == "time_budget" for k in kids)
+
+
+def test_cv_none_means_three_folds_on_small_data_and_a_val_split_on_big(small_ptbxl: Path, store: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import search.spec
+
+    spec = SearchSpec(small_ptbxl, "classification", tracking_uri=store, cv=None)
+    assert spec.validate().cv == 3 and spec.replace(cv=2).validate().cv == 2
+    assert spec.validate().space.constants["cv"] == 3  # what every trial's config gets
+    monkeypatch.setattr(search.spec, "SMALL_DATA", 100)  # 120 ECGs are "big" now
+    assert spec.validate().cv == 1
